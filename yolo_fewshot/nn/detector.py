@@ -1,0 +1,97 @@
+"""FewShotDetectionModel: an Ultralytics ``DetectionModel`` whose classes are reference prototypes held as state.
+
+``set_prototypes`` validates and stores per-level prototypes (see :mod:`yolo_fewshot.nn.prototypes`) and the class
+names; every forward binds them to the model's :class:`PrototypeConsumer` layers (fusion necks, head) and unbinds them
+afterwards, so callers — Ultralytics' trainer, validator, predictor, Exporter, stride probe, FLOPs count — call the
+model with the image alone. Without prototypes the model runs in bypass mode: one class-agnostic score ("object").
+
+Prototypes follow the model across ``.to()/.half()/.float()`` and are pickled with it (a checkpoint remembers the last
+references it was given); they are not part of ``state_dict`` (they are inputs, not weights).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import Tensor
+from ultralytics.nn.tasks import DetectionModel
+
+from ..configs import load_model_yaml
+from .prototypes import PrototypeConsumer, as_prototypes
+
+BYPASS_NAMES = {0: "object"}
+
+
+class FewShotDetectionModel(DetectionModel):
+    """Detection model conditioned on reference prototypes.
+
+    Args:
+        cfg: Model YAML name/path (e.g. ``yolov8n-psalm-p2.yaml``) or an already loaded dict.
+        ch: Input channels.
+        nc: Ignored for the head (one score per reference class; the class count comes from the references).
+        verbose: Print the layer table.
+    """
+
+    def __init__(self, cfg: str | dict = "yolov8n-psalm-p2.yaml", ch: int = 3, nc: int | None = None,
+                 verbose: bool = True) -> None:
+        self._protos: list[Tensor] | None = None
+        cfg = cfg if isinstance(cfg, dict) else load_model_yaml(cfg)
+        super().__init__(cfg, ch=ch, nc=1, verbose=verbose)
+        consumers = [m for m in self.model if isinstance(m, PrototypeConsumer)]
+        necks = [m for m in consumers if hasattr(m, "proto_dims")]
+        if not necks:
+            raise ValueError(f"{cfg.get('yaml_file', 'model YAML')} has no fusion neck (CHEAF/PSALM) to take prototypes")
+        self.proto_dims: list[int] = necks[0].proto_dims
+        self.names = dict(BYPASS_NAMES)
+
+    # -- state ---------------------------------------------------------------------------------------------------------
+    @property
+    def prototypes(self) -> list[Tensor] | None:
+        """Per-level prototypes ``[B|1, N, M, D_l]`` or None."""
+        return self.__dict__.get("_protos")
+
+    def set_prototypes(self, protos: Tensor | Sequence[Tensor] | None, names: Sequence[str] | dict | None = None) -> None:
+        """Set (or clear, with None) the reference prototypes and their class names.
+
+        Args:
+            protos: Per-level prototypes, each ``[N, D_l]``, ``[N, M, D_l]`` or ``[B, N, M, D_l]`` (see
+                :func:`~yolo_fewshot.nn.prototypes.as_prototypes`).
+            names: N class names (list or ``{index: name}``); default ``ref0..refN-1``.
+        """
+        if protos is None:
+            self._protos, self.names = None, dict(BYPASS_NAMES)
+            return
+        protos = as_prototypes(protos, self.proto_dims)
+        n = protos[0].shape[1]
+        if names is None:
+            names = [f"ref{i}" for i in range(n)]
+        names = list(names.values()) if isinstance(names, dict) else list(names)
+        if len(names) != n:
+            raise ValueError(f"{len(names)} class names for {n} prototype classes")
+        if len(set(names)) != len(names):
+            raise ValueError(f"class names must be unique, got {names}")
+        p = next(self.parameters())
+        self._protos = [t.to(p.device, p.dtype) for t in protos]
+        self.names = dict(enumerate(names))
+
+    def _bind(self, protos: list[Tensor] | None) -> None:
+        for m in self.model:
+            if isinstance(m, PrototypeConsumer):
+                m.prototypes = protos
+
+    # -- torch plumbing ------------------------------------------------------------------------------------------------
+    def predict(self, x: Tensor, *args: Any, **kwargs: Any):
+        """Ultralytics' predict with the prototypes bound for this call (``[B, 4+N, A]`` outputs)."""
+        self._bind(self.prototypes)
+        try:
+            return super().predict(x, *args, **kwargs)
+        finally:
+            self._bind(None)
+
+    def _apply(self, fn: Callable, *args: Any, **kwargs: Any):
+        """Move/cast the prototypes with the weights (``.to``, ``.half``, ``.float``, ``.cuda``)."""
+        super()._apply(fn, *args, **kwargs)
+        if self.__dict__.get("_protos") is not None:
+            self._protos = [fn(t) for t in self._protos]
+        return self
