@@ -1,0 +1,98 @@
+"""``yolo-fewshot MODE key=value ...``: the plugin's command line, shaped like Ultralytics' ``yolo``.
+
+Ultralytics' ``yolo`` command never imports plugins, so this is the entry point for few-shot models. Arguments are
+``key=value`` pairs parsed with Ultralytics' own parser and checked against Ultralytics' keys plus the plugin's; the
+model is a :class:`~yolo_fewshot.FewShotYOLO`. User mistakes (unknown key, missing file, bad value) end with one line
+on stderr and exit status 2, not a stack trace.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+USAGE = """\
+usage: yolo-fewshot MODE [key=value ...]
+
+modes:
+  info       print the model summary            yolo-fewshot info model=yolov8n-psalm-p2.yaml
+  train      train (Ultralytics' train keys)   yolo-fewshot train model=yolov8n-psalm-p2.yaml data=my.yaml
+  val        validate                          yolo-fewshot val model=best.pt data=my.yaml
+  predict    detect in images/videos           yolo-fewshot predict model=best.pt source=scene.jpg
+  export     export (Ultralytics' formats)     yolo-fewshot export model=best.pt format=onnx
+  track, benchmark                             as in Ultralytics' `yolo`
+  version    print versions
+
+Every key Ultralytics' `yolo` accepts works here too (see `yolo cfg`)."""
+
+MODES = ("info", "train", "val", "predict", "export", "track", "benchmark")
+PLUGIN_KEYS: dict[str, Any] = {}  # plugin-specific run settings, added by the modes that use them
+
+
+class UsageError(Exception):
+    """A mistake in the command line; printed as one line."""
+
+
+def parse_args(args: Sequence[str]) -> tuple[str, dict[str, Any]]:
+    """Split ``MODE key=value ...`` into the mode and a dict of typed overrides (Ultralytics' value parsing)."""
+    from ultralytics.cfg import DEFAULT_CFG_DICT, merge_equals_args, parse_key_value_pair
+
+    if not args:
+        raise UsageError(f"no mode given; choose one of {', '.join(MODES)} (try `yolo-fewshot help`)")
+    mode, rest = args[0], merge_equals_args(list(args[1:]))
+    if mode not in MODES:
+        raise UsageError(f"unknown mode '{mode}'; choose one of {', '.join(MODES)}")
+    overrides: dict[str, Any] = {}
+    for a in rest:
+        if "=" not in a:
+            raise UsageError(f"argument '{a}' is not key=value (e.g. model=yolov8n-psalm-p2.yaml)")
+        try:
+            k, v = parse_key_value_pair(a)
+        except AssertionError as e:
+            raise UsageError(f"{e} (write {a}VALUE)") from None
+        if k not in DEFAULT_CFG_DICT and k not in PLUGIN_KEYS:
+            from difflib import get_close_matches
+
+            close = get_close_matches(k, [*DEFAULT_CFG_DICT, *PLUGIN_KEYS], n=3)
+            raise UsageError(f"'{k}' is not a valid argument" + (f"; did you mean {', '.join(close)}?" if close else ""))
+        overrides[k] = v
+    return mode, overrides
+
+
+def run(mode: str, overrides: dict[str, Any]) -> Any:
+    """Execute one parsed command."""
+    from . import FewShotYOLO
+
+    model = FewShotYOLO(overrides.pop("model", "yolov8n-psalm-p2.yaml"), verbose=False)
+    if mode == "info":
+        return model.info(detailed=bool(overrides.get("verbose", False)), verbose=True)
+    return getattr(model, mode)(**overrides)
+
+
+def entrypoint(argv: Sequence[str] | None = None) -> int:
+    """Console-script entry point; returns the process exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("help", "-h", "--help"):
+        print(USAGE)
+        return 0
+    if args and args[0] in ("version", "--version"):
+        import torch
+        import ultralytics
+
+        from . import __version__
+
+        print(f"yolo_fewshot {__version__} (ultralytics {ultralytics.__version__}, torch {torch.__version__})")
+        return 0
+    try:
+        mode, overrides = parse_args(args)
+        run(mode, overrides)
+    except (UsageError, FileNotFoundError, ValueError, TypeError, SyntaxError, ImportError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"yolo-fewshot: error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(entrypoint())
