@@ -145,8 +145,9 @@ def test_chunked_scan_equals_recurrence(chunk):
     b, t, d, n = 2, 70, 5, 3
     x, dt, bm, cm = torch.randn(b, t, d), torch.rand(b, t, d) * 2, torch.randn(b, t, n), torch.randn(b, t, n)
     a = -torch.rand(d, n) * 4
-    torch.testing.assert_close(selective_scan(x, dt, a, bm, cm, chunk), selective_scan_reference(x, dt, a, bm, cm),
-                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        selective_scan(x, dt, a, bm, cm, chunk), selective_scan_reference(x, dt, a, bm, cm), atol=1e-5, rtol=1e-4
+    )
 
 
 def test_ssm_module_fast_equals_reference():

@@ -136,11 +136,11 @@ def test_save_and_reload_in_fresh_process(model, tmp_path):
         from ultralytics import YOLO
         import yolo_fewshot
         from yolo_fewshot import FewShotYOLO, FewShotDetectionModel
-        m = FewShotYOLO(r"{tmp_path / 'm.pt'}")
+        m = FewShotYOLO(r"{tmp_path / "m.pt"}")
         assert isinstance(m.model, FewShotDetectionModel), type(m.model)
         assert m.names == {{0: "mug", 1: "key"}}, m.names
-        y = m.model.float().eval()(torch.load(r"{tmp_path / 'x.pt'}"))[0]
-        torch.save(y, r"{tmp_path / 'y.pt'}")
+        y = m.model.float().eval()(torch.load(r"{tmp_path / "x.pt"}"))[0]
+        torch.save(y, r"{tmp_path / "y.pt"}")
     """)
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=SOURCE_ENV)
     torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected, atol=1e-3, rtol=1e-3)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 SUPPORTED = (">=8.4.190", "<8.5")  # tested range; keep in sync with setup.cfg
 HOOK_ATTR = "_yolo_fewshot_hook"
+ORIGINAL_ATTR = "_yolo_fewshot_original"
 ANCHOR = "        if m in base_modules:\n"
 NEEDED = ("width", "max_channels", "reg_max", "end2end", "legacy", "scale", "ch", "f", "args", "d")
 HOOK = (
@@ -51,8 +52,10 @@ def check_version(version: str | None = None) -> str:
         version = ultralytics.__version__
     lo, hi = (_version_tuple(s.lstrip("<>=")) for s in SUPPORTED)
     if not lo <= _version_tuple(version) < hi:
-        raise ImportError(f"yolo_fewshot needs ultralytics{','.join(SUPPORTED)}, found {version}; "
-                          f"run: pip install 'ultralytics{','.join(SUPPORTED)}'")
+        raise ImportError(
+            f"yolo_fewshot needs ultralytics{','.join(SUPPORTED)}, found {version}; "
+            f"run: pip install 'ultralytics{','.join(SUPPORTED)}'"
+        )
     return version
 
 
@@ -63,20 +66,32 @@ def hooked_parse_model(source: str, namespace: dict) -> Callable:
         UpstreamChanged: When the anchor line is not found exactly once or a variable the hook reads is missing.
     """
     if source.count(ANCHOR) != 1:
-        raise UpstreamChanged("yolo_fewshot cannot hook ultralytics.nn.tasks.parse_model: the line "
-                              f"{ANCHOR.strip()!r} is not in it exactly once (upstream changed); "
-                              f"install ultralytics{','.join(SUPPORTED)}")
+        raise UpstreamChanged(
+            "yolo_fewshot cannot hook ultralytics.nn.tasks.parse_model: the line "
+            f"{ANCHOR.strip()!r} is not in it exactly once (upstream changed); "
+            f"install ultralytics{','.join(SUPPORTED)}"
+        )
     missing = [v for v in NEEDED if f"{v} = " not in source and f"{v}, " not in source and f"({v}" not in source]
     if missing:
-        raise UpstreamChanged(f"yolo_fewshot cannot hook parse_model: upstream no longer defines {missing}; "
-                              f"install ultralytics{','.join(SUPPORTED)}")
+        raise UpstreamChanged(
+            f"yolo_fewshot cannot hook parse_model: upstream no longer defines {missing}; "
+            f"install ultralytics{','.join(SUPPORTED)}"
+        )
     patched = source.replace(ANCHOR, HOOK + ANCHOR.lstrip(), 1)
     scope: dict = {}
-    exec(compile(patched, f"<yolo_fewshot hook of {namespace.get('__file__', 'parse_model')}>", "exec"), namespace,
-         scope)
+    exec(
+        compile(patched, f"<yolo_fewshot hook of {namespace.get('__file__', 'parse_model')}>", "exec"), namespace, scope
+    )
     fn = scope["parse_model"]
     setattr(fn, HOOK_ATTR, True)
     return fn
+
+
+def upstream_parse_model() -> Callable:
+    """Ultralytics' own ``parse_model`` (before or after hooking)."""
+    from ultralytics.nn import tasks
+
+    return getattr(tasks.parse_model, ORIGINAL_ATTR, tasks.parse_model)
 
 
 def layers() -> dict[str, type]:
@@ -97,11 +112,15 @@ def register() -> None:
     check_version()
     for name, cls in layers().items():
         if tasks.__dict__.get(name, cls) is not cls:
-            raise UpstreamChanged(f"ultralytics.nn.tasks already defines a different '{name}'; yolo_fewshot's layer "
-                                  f"would shadow it (install ultralytics{','.join(SUPPORTED)})")
+            raise UpstreamChanged(
+                f"ultralytics.nn.tasks already defines a different '{name}'; yolo_fewshot's layer "
+                f"would shadow it (install ultralytics{','.join(SUPPORTED)})"
+            )
         setattr(tasks, name, cls)
     if not getattr(tasks.parse_model, HOOK_ATTR, False):
-        fn = hooked_parse_model(inspect.getsource(tasks.parse_model), tasks.__dict__)
+        original = tasks.parse_model
+        fn = hooked_parse_model(inspect.getsource(original), tasks.__dict__)
+        setattr(fn, ORIGINAL_ATTR, original)
         tasks.parse_model = fn
         if getattr(unn, "parse_model", None) is not None:
             unn.parse_model = fn

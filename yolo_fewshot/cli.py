@@ -54,8 +54,10 @@ def parse_args(args: Sequence[str]) -> tuple[str, dict[str, Any]]:
         if k not in DEFAULT_CFG_DICT and k not in PLUGIN_KEYS:
             from difflib import get_close_matches
 
-            close = get_close_matches(k, [*DEFAULT_CFG_DICT, *PLUGIN_KEYS], n=3)
-            raise UsageError(f"'{k}' is not a valid argument" + (f"; did you mean {', '.join(close)}?" if close else ""))
+            close = get_close_matches(k, [*DEFAULT_CFG_DICT, *PLUGIN_KEYS], n=3, cutoff=0.5)
+            raise UsageError(
+                f"'{k}' is not a valid argument" + (f"; did you mean {', '.join(close)}?" if close else "")
+            )
         overrides[k] = v
     return mode, overrides
 

@@ -48,8 +48,9 @@ def resolve_model_yaml(name: str | Path) -> tuple[Path, str]:
             if cand.is_file():
                 return cand, scale
     shipped = ", ".join(p.name for p in model_yamls()) or "none found"
-    raise FileNotFoundError(f"model YAML '{name}' not found; use a path or one of: {shipped} "
-                            "(add a scale letter n/s/m/l/x after 'yolov8')")
+    raise FileNotFoundError(
+        f"model YAML '{name}' not found; use a path or one of: {shipped} (add a scale letter n/s/m/l/x after 'yolov8')"
+    )
 
 
 def load_model_yaml(name: str | Path) -> dict[str, Any]:

@@ -28,14 +28,17 @@ class FewShotYOLO(Model):
         >>> model.info()
     """
 
-    def __init__(self, model: str | Path = "yolov8n-psalm-p2.yaml", task: str | None = None,
-                 verbose: bool = False) -> None:
+    def __init__(
+        self, model: str | Path = "yolov8n-psalm-p2.yaml", task: str | None = None, verbose: bool = False
+    ) -> None:
         if task not in (None, "detect"):
             raise ValueError(f"FewShotYOLO supports task='detect' only, got task='{task}'")
         super().__init__(model=model, task="detect", verbose=verbose)
         if isinstance(self.model, nn.Module) and not isinstance(self.model, FewShotDetectionModel):
-            raise TypeError(f"{model} is a plain Ultralytics model, not a few-shot one; load it with ultralytics.YOLO or "
-                            "train a few-shot model with `yolo-fewshot train model=yolov8n-psalm-p2.yaml`")
+            raise TypeError(
+                f"{model} is a plain Ultralytics model, not a few-shot one; load it with ultralytics.YOLO or "
+                "train a few-shot model with `yolo-fewshot train model=yolov8n-psalm-p2.yaml`"
+            )
 
     @property
     def task_map(self) -> dict[str, dict[str, Any]]:
@@ -59,8 +62,9 @@ class FewShotYOLO(Model):
         self.model.task = self.task
         self.model_name = self.cfg
 
-    def set_prototypes(self, protos: Tensor | Sequence[Tensor] | None, names: Sequence[str] | dict | None = None
-                       ) -> FewShotYOLO:
+    def set_prototypes(
+        self, protos: Tensor | Sequence[Tensor] | None, names: Sequence[str] | dict | None = None
+    ) -> FewShotYOLO:
         """Set the detector's reference prototypes (see :meth:`FewShotDetectionModel.set_prototypes`)."""
         self.model.set_prototypes(protos, names)
         if self.predictor is not None:  # a cached predictor holds the old class names

@@ -37,8 +37,17 @@ class CHEAF(FusionNeck):
         **attn_kwargs: Kernel options (e.g. ``stride=2`` for strided).
     """
 
-    def __init__(self, c_in: list[int], c_out: list[int], proto_dims: int | list[int], attn: str = "linear",
-                 heads: int = 4, pyramid: bool = True, short_long: bool = True, **attn_kwargs) -> None:
+    def __init__(
+        self,
+        c_in: list[int],
+        c_out: list[int],
+        proto_dims: int | list[int],
+        attn: str = "linear",
+        heads: int = 4,
+        pyramid: bool = True,
+        short_long: bool = True,
+        **attn_kwargs,
+    ) -> None:
         super().__init__(c_in, c_out, proto_dims)
         self.attn = nn.ModuleList(build_attention(attn, c, heads, **attn_kwargs) for c in c_in)
         self.short_long = nn.ModuleList(ShortLongConv(c) for c in c_in) if short_long else None

@@ -33,15 +33,18 @@ class FewShotDetectionModel(DetectionModel):
         verbose: Print the layer table.
     """
 
-    def __init__(self, cfg: str | dict = "yolov8n-psalm-p2.yaml", ch: int = 3, nc: int | None = None,
-                 verbose: bool = True) -> None:
+    def __init__(
+        self, cfg: str | dict = "yolov8n-psalm-p2.yaml", ch: int = 3, nc: int | None = None, verbose: bool = True
+    ) -> None:
         self._protos: list[Tensor] | None = None
         cfg = cfg if isinstance(cfg, dict) else load_model_yaml(cfg)
         super().__init__(cfg, ch=ch, nc=1, verbose=verbose)
         consumers = [m for m in self.model if isinstance(m, PrototypeConsumer)]
         necks = [m for m in consumers if hasattr(m, "proto_dims")]
         if not necks:
-            raise ValueError(f"{cfg.get('yaml_file', 'model YAML')} has no fusion neck (CHEAF/PSALM) to take prototypes")
+            raise ValueError(
+                f"{cfg.get('yaml_file', 'model YAML')} has no fusion neck (CHEAF/PSALM) to take prototypes"
+            )
         self.proto_dims: list[int] = necks[0].proto_dims
         self.names = dict(BYPASS_NAMES)
 
@@ -51,7 +54,9 @@ class FewShotDetectionModel(DetectionModel):
         """Per-level prototypes ``[B|1, N, M, D_l]`` or None."""
         return self.__dict__.get("_protos")
 
-    def set_prototypes(self, protos: Tensor | Sequence[Tensor] | None, names: Sequence[str] | dict | None = None) -> None:
+    def set_prototypes(
+        self, protos: Tensor | Sequence[Tensor] | None, names: Sequence[str] | dict | None = None
+    ) -> None:
         """Set (or clear, with None) the reference prototypes and their class names.
 
         Args:

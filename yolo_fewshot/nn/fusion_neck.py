@@ -1,8 +1,8 @@
 """Base class of the prototype-fusion necks (CHEAF, PSALM): YAML building, support projection, class expansion.
 
 A fusion neck takes the P2–P5 (or P3–P5) maps ``[B, c_i, H_i, W_i]`` and returns one map per level for every
-(image, reference class) pair, ``[B*N, c_out_i, H_i, W_i]`` (image-major), or ``[B, ...]`` without prototypes. Everything
-that does not depend on the class is computed once per image and then repeated.
+(image, reference class) pair, ``[B*N, c_out_i, H_i, W_i]`` (image-major), or ``[B, ...]`` without prototypes.
+Everything that does not depend on the class is computed once per image and then repeated.
 
 YAML row: ``[[from levels], 1, PSALM, [[c_out per level], attn, heads]]``; ``c_out`` is width-scaled like Ultralytics'
 own channels and the prototype widths come from the model YAML's ``proto_dims`` (the encoder's).
@@ -19,7 +19,7 @@ from .prototypes import PrototypeConsumer
 
 
 def scale_channels(c: int, width: float, max_channels: float) -> int:
-    """Ultralytics' width scaling of a nominal channel count (min with max_channels, times width, up to a multiple of 8)."""
+    """Ultralytics' width scaling of a nominal channel count: min(c, max_channels) * width, up to a multiple of 8."""
     return int(math.ceil(min(c, max_channels) * width / 8) * 8)
 
 
@@ -45,8 +45,9 @@ class FusionNeck(nn.Module, PrototypeConsumer):
     def __init__(self, c_in: list[int], c_out: list[int], proto_dims: int | list[int]) -> None:
         super().__init__()
         if len(c_in) not in (3, 4) or len(c_out) != len(c_in):
-            raise ValueError(f"{type(self).__name__} fuses 3 (P3–P5) or 4 (P2–P5) levels; got inputs {c_in}, "
-                             f"outputs {c_out}")
+            raise ValueError(
+                f"{type(self).__name__} fuses 3 (P3–P5) or 4 (P2–P5) levels; got inputs {c_in}, outputs {c_out}"
+            )
         self.c_in, self.c_out = list(c_in), list(c_out)
         self.proto_dims = level_dims(proto_dims, len(c_in))
         # Fix of seed 000: prototypes are projected to each level's width (the seed defined, then ignored, these).

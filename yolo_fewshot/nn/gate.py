@@ -22,7 +22,11 @@ class ChannelSpatialGate(nn.Module):
         super().__init__()
         hidden = max(c // reduction, 4)
         self.channel = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, c, 1), nn.Sigmoid()
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(c, hidden, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, c, 1),
+            nn.Sigmoid(),
         )
         self.spatial = nn.Sequential(Conv(c, hidden, 1, act=nn.ReLU()), nn.Conv2d(hidden, 1, 1), nn.Sigmoid())
 

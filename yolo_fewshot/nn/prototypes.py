@@ -42,8 +42,10 @@ def as_prototypes(protos: Tensor | Sequence[Tensor], dims: Sequence[int]) -> lis
     """
     if isinstance(protos, Tensor):
         if len(set(dims)) != 1:
-            raise ValueError(f"one prototype tensor given but the levels have different widths {list(dims)}; "
-                             "pass one tensor per level")
+            raise ValueError(
+                f"one prototype tensor given but the levels have different widths {list(dims)}; "
+                "pass one tensor per level"
+            )
         protos = [protos] * len(dims)
     protos = list(protos)
     if len(protos) != len(dims):
@@ -56,11 +58,14 @@ def as_prototypes(protos: Tensor | Sequence[Tensor], dims: Sequence[int]) -> lis
         elif p.ndim == 3:
             p = p[None]
         elif p.ndim != 4:
-            raise ValueError(f"prototypes of level {i} have shape {tuple(p.shape)}; expected [N, D], [N, M, D] or "
-                             "[B, N, M, D]")
+            raise ValueError(
+                f"prototypes of level {i} have shape {tuple(p.shape)}; expected [N, D], [N, M, D] or [B, N, M, D]"
+            )
         if p.shape[-1] != d:
-            raise ValueError(f"prototypes of level {i} have width {p.shape[-1]}, the model expects {d}: they were "
-                             "made with another encoder; rebuild them with the model's encoder")
+            raise ValueError(
+                f"prototypes of level {i} have width {p.shape[-1]}, the model expects {d}: they were "
+                "made with another encoder; rebuild them with the model's encoder"
+            )
         if p.shape[1] == 0 or p.shape[2] == 0:
             raise ValueError(f"prototypes of level {i} hold no class or no token (shape {tuple(p.shape)})")
         if not torch.isfinite(p).all():

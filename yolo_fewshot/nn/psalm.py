@@ -43,8 +43,17 @@ class PSALM(FusionNeck):
         **attn_kwargs: Kernel options.
     """
 
-    def __init__(self, c_in: list[int], c_out: list[int], proto_dims: int | list[int], attn: str = "linear",
-                 heads: int = 4, pyramid: bool = True, conv_qk: bool = True, **attn_kwargs) -> None:
+    def __init__(
+        self,
+        c_in: list[int],
+        c_out: list[int],
+        proto_dims: int | list[int],
+        attn: str = "linear",
+        heads: int = 4,
+        pyramid: bool = True,
+        conv_qk: bool = True,
+        **attn_kwargs,
+    ) -> None:
         super().__init__(c_in, c_out, proto_dims)
         self.pyramid = LightPyramid(c_in) if pyramid else None
         self.qk_conv = nn.ModuleList(ShortLongConv(c) for c in c_in) if conv_qk else None

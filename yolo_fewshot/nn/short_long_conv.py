@@ -1,8 +1,8 @@
 """Short-long convolution: parallel depthwise 3x3 (short) and 7x7 (long) kernels fused by a pointwise conv.
 
 Liu et al., "Short-Long Convolutions Help Hardware-Efficient Linear Attention to Focus on Long Sequences" (CHELA),
-ICML 2024 (arXiv:2406.08128); seed 000 ``ShortLongConvModule``. Gives linear attention the local inductive bias it lacks:
-CHEAF runs it beside the attention, PSALM uses it to pre-process the attention's queries and keys.
+ICML 2024 (arXiv:2406.08128); seed 000 ``ShortLongConvModule``. Gives linear attention the local inductive bias it
+lacks: CHEAF runs it beside the attention, PSALM uses it to pre-process the attention's queries and keys.
 """
 
 from __future__ import annotations

@@ -34,7 +34,9 @@ class SupportAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int = 4, qkv_bias: bool = True) -> None:
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"attention width {dim} is not divisible by num_heads={num_heads}; pick a divisor of {dim}")
+            raise ValueError(
+                f"attention width {dim} is not divisible by num_heads={num_heads}; pick a divisor of {dim}"
+            )
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.k = nn.Linear(dim, dim, bias=qkv_bias)
@@ -102,7 +104,7 @@ class SupportAttention(nn.Module):
     def attend(
         self, q: Tensor, k: Tensor, v: Tensor, ks: Tensor | None, vs: Tensor | None, hw: tuple[int, int] | None
     ) -> Tensor:
-        """The kernel. ``q, k, v``: ``[B', h, L, d]``; ``ks, vs``: ``[B', h, M, d]`` or None. Returns ``[B', h, L, d]``."""
+        """The kernel: ``q, k, v`` ``[B', h, L, d]``; ``ks, vs`` ``[B', h, M, d]`` or None -> ``[B', h, L, d]``."""
         raise NotImplementedError
 
 

@@ -55,7 +55,7 @@ class EfficientLinearAttention(SupportAttention):
         if support is None:
             return super().forward(x, None, hw, x_qk, gate)
         xq = x if x_qk is None else x_qk
-        b, n = x.shape[0], support.shape[1]
+        b = x.shape[0]
         q = self.heads(self.q(xq)).softmax(-1)  # [B, h, L, d]
         mq, sq, zq = _key_stats(self.heads(self.k(xq)), self.heads(self.v(x)))  # [B, h, 1|d, d]
         s = support.expand(b, *support.shape[1:])  # [B, N, M, C]

@@ -30,7 +30,9 @@ class LocalGlobalAttention(SupportAttention):
 
     name = "local_global"
 
-    def __init__(self, dim: int, num_heads: int = 4, qkv_bias: bool = True, window: int = 8, num_global: int = 4) -> None:
+    def __init__(
+        self, dim: int, num_heads: int = 4, qkv_bias: bool = True, window: int = 8, num_global: int = 4
+    ) -> None:
         super().__init__(dim, num_heads, qkv_bias)
         self.window, self.num_global = window, num_global
         self.global_q = nn.Parameter(torch.randn(num_heads, num_global, self.head_dim) * self.head_dim**-0.5)

@@ -42,8 +42,9 @@ class PerformerAttention(SupportAttention):
 
     name = "performer"
 
-    def __init__(self, dim: int, num_heads: int = 4, qkv_bias: bool = True, num_features: int | None = None,
-                 seed: int = 0) -> None:
+    def __init__(
+        self, dim: int, num_heads: int = 4, qkv_bias: bool = True, num_features: int | None = None, seed: int = 0
+    ) -> None:
         super().__init__(dim, num_heads, qkv_bias)
         self.num_features = num_features or max(16, 2 * self.head_dim)
         self.register_buffer("omega", torch.empty(self.num_features, self.head_dim))

@@ -75,8 +75,16 @@ class SelectiveSSM(SupportAttention):
 
     name = "ssm"
 
-    def __init__(self, dim: int, num_heads: int = 4, qkv_bias: bool = True, state: int = 8, dt_rank: int | None = None,
-                 conv: int = 4, chunk: int = 32) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 4,
+        qkv_bias: bool = True,
+        state: int = 8,
+        dt_rank: int | None = None,
+        conv: int = 4,
+        chunk: int = 32,
+    ) -> None:
         nn.Module.__init__(self)  # the q/k/v projections of the base class do not apply
         self.dim, self.num_heads, self.head_dim, self.state, self.chunk = dim, 1, dim, state, chunk
         self.dt_rank = dt_rank or math.ceil(dim / 16)

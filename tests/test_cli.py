@@ -1,0 +1,57 @@
+"""yolo-fewshot command line: modes, Ultralytics key parsing, one-line errors."""
+
+import shutil
+import subprocess
+
+import pytest
+
+from yolo_fewshot.cli import UsageError, entrypoint, parse_args, run
+
+
+def test_info_runs():
+    assert entrypoint(["info", "model=yolov8n-psalm-p2.yaml"]) == 0
+    layers, params, grads, flops = run("info", {"model": "yolov8n-cheaf.yaml"})
+    assert params > 1e6 and flops > 0
+
+
+def test_parses_ultralytics_values():
+    mode, ov = parse_args(["predict", "model=best.pt", "conf=0.3", "imgsz=[320,256]", "save=True", "classes", "=", "1"])
+    assert mode == "predict" and ov == {
+        "model": "best.pt",
+        "conf": 0.3,
+        "imgsz": [320, 256],
+        "save": True,
+        "classes": 1,
+    }
+
+
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        ([], "no mode given"),
+        (["fly"], "unknown mode 'fly'"),
+        (["info", "confidence=0.3"], "'confidence' is not a valid argument; did you mean conf"),
+        (["info", "model"], "is not key=value"),
+    ],
+)
+def test_usage_errors(argv, msg):
+    with pytest.raises(UsageError, match=msg):
+        parse_args(argv)
+
+
+def test_errors_are_one_line_with_status_2(capsys):
+    assert entrypoint(["info", "model=nope.yaml"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("yolo-fewshot: error: model YAML 'nope.yaml' not found") and "\n" not in err
+    assert entrypoint(["info", "epochz=3"]) == 2
+
+
+def test_help_and_version(capsys):
+    assert entrypoint(["help"]) == 0 and "usage: yolo-fewshot MODE" in capsys.readouterr().out
+    assert entrypoint(["version"]) == 0 and "ultralytics 8.4" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(shutil.which("yolo-fewshot") is None, reason="console script not installed")
+def test_console_script():
+    r = subprocess.run(["yolo-fewshot", "version"], capture_output=True, text=True, check=True)
+    assert r.stdout.startswith("yolo_fewshot ")
