@@ -1,0 +1,30 @@
+"""tools/bench_modules.py runs and reports what it measured (tiny maps; no timing assertions)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from yolo_fewshot.nn.cheaf import CHEAF
+from yolo_fewshot.nn.psalm import PSALM
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_modules.py"
+
+
+def test_bench_modules_json():
+    r = subprocess.run(
+        [sys.executable, str(TOOL), "--json", "--iters", "2", "--scale", "0.1"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    expect = {
+        "CHEAF": CHEAF([32, 64, 128, 256], [128, 256, 512, 512], 384),
+        "PSALM": PSALM([32, 64, 128, 256], [128, 256, 512, 512], 384),
+    }
+    for name, module in expect.items():
+        assert out[name]["params"] == sum(p.numel() for p in module.parameters())
+        assert out[name]["latency_ms"] > 0 and out[name]["peak_mem_mb"] >= 0
+    assert out["ratios"]["params"] == round(out["PSALM"]["params"] / out["CHEAF"]["params"], 3)
+    assert out["config"]["c_in"] == [32, 64, 128, 256] and out["p3_p5"]["config"]["c_in"] == [64, 128, 256]
