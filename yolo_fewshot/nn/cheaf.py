@@ -16,8 +16,7 @@ import torch
 from torch import Tensor, nn
 from ultralytics.nn.modules.conv import Conv
 
-from .attention import build_attention
-from .conv import DWSeparableConv, expand_classes
+from .conv import expand_classes
 from .fusion_neck import FusionNeck
 from .pyramid import CrossScalePyramid
 from .short_long_conv import ShortLongConv
@@ -48,15 +47,10 @@ class CHEAF(FusionNeck):
         short_long: bool = True,
         **attn_kwargs,
     ) -> None:
-        super().__init__(c_in, c_out, proto_dims)
-        self.attn = nn.ModuleList(build_attention(attn, c, heads, **attn_kwargs) for c in c_in)
+        super().__init__(c_in, c_out, proto_dims, attn, heads, **attn_kwargs)
         self.short_long = nn.ModuleList(ShortLongConv(c) for c in c_in) if short_long else None
         self.branch_fuse = nn.ModuleList(Conv(c * (2 if short_long else 1), c, 1) for c in c_in)
         self.pyramid = CrossScalePyramid(c_in) if pyramid else None
-        self.out_proj = nn.ModuleList(DWSeparableConv(ci, co) for ci, co in zip(c_in, c_out))
-        self.res_proj = nn.ModuleList(
-            nn.Identity() if ci == co else Conv(ci, co, 1, act=False) for ci, co in zip(c_in, c_out)
-        )
 
     def forward(self, x: list[Tensor]) -> list[Tensor]:
         """``[B, c_in_i, H_i, W_i]`` per level -> ``[B*N, c_out_i, H_i, W_i]`` (``[B, ...]`` without prototypes)."""

@@ -14,7 +14,10 @@ import math
 from typing import Any
 
 from torch import Tensor, nn
+from ultralytics.nn.modules.conv import Conv
 
+from .attention import build_attention
+from .conv import DWSeparableConv
 from .prototypes import PrototypeConsumer
 
 
@@ -34,15 +37,26 @@ def level_dims(dims: int | list[int] | None, levels: int) -> list[int]:
 
 
 class FusionNeck(nn.Module, PrototypeConsumer):
-    """Shared machinery of CHEAF and PSALM.
+    """Shared machinery of CHEAF and PSALM: support projection, per-level attention, output and residual projections.
 
     Args:
         c_in: Channels of the input levels, finest first (3 or 4 levels).
         c_out: Channels of the output levels.
         proto_dims: Prototype width per level (or one int for all).
+        attn: Attention kernel name (see ``yolo_fewshot.nn.attention.ATTENTIONS``).
+        heads: Attention heads (lowered to a divisor of each level's width).
+        **attn_kwargs: Kernel options (e.g. ``stride=2`` for strided).
     """
 
-    def __init__(self, c_in: list[int], c_out: list[int], proto_dims: int | list[int]) -> None:
+    def __init__(
+        self,
+        c_in: list[int],
+        c_out: list[int],
+        proto_dims: int | list[int],
+        attn: str = "linear",
+        heads: int = 4,
+        **attn_kwargs,
+    ) -> None:
         super().__init__()
         if len(c_in) not in (3, 4) or len(c_out) != len(c_in):
             raise ValueError(
@@ -53,6 +67,12 @@ class FusionNeck(nn.Module, PrototypeConsumer):
         # Fix of seed 000: prototypes are projected to each level's width (the seed defined, then ignored, these).
         self.support_proj = nn.ModuleList(
             nn.Sequential(nn.Linear(d, c), nn.LayerNorm(c)) for d, c in zip(self.proto_dims, self.c_in)
+        )
+        self.attn = nn.ModuleList(build_attention(attn, c, heads, **attn_kwargs) for c in c_in)
+        # depthwise-separable output projection (PSALM's "refinement") and the residual of the original input
+        self.out_proj = nn.ModuleList(DWSeparableConv(ci, co) for ci, co in zip(c_in, c_out))
+        self.res_proj = nn.ModuleList(
+            nn.Identity() if ci == co else Conv(ci, co, 1, act=False) for ci, co in zip(c_in, c_out)
         )
 
     @classmethod

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from ultralytics.nn.modules.conv import Conv
 
-from .attention import build_attention
-from .conv import DWSeparableConv, expand_classes
+from .conv import expand_classes
 from .fusion_neck import FusionNeck
 from .pyramid import LightPyramid
 from .short_long_conv import ShortLongConv
@@ -54,16 +52,11 @@ class PSALM(FusionNeck):
         conv_qk: bool = True,
         **attn_kwargs,
     ) -> None:
-        super().__init__(c_in, c_out, proto_dims)
+        super().__init__(c_in, c_out, proto_dims, attn, heads, **attn_kwargs)
         self.pyramid = LightPyramid(c_in) if pyramid else None
         self.qk_conv = nn.ModuleList(ShortLongConv(c) for c in c_in) if conv_qk else None
-        self.attn = nn.ModuleList(build_attention(attn, c, heads, **attn_kwargs) for c in c_in)
         self.mod_scale = nn.ParameterList(nn.Parameter(torch.ones(c)) for c in c_in)
         self.mod_bias = nn.ParameterList(nn.Parameter(torch.zeros(c)) for c in c_in)
-        self.refine = nn.ModuleList(DWSeparableConv(ci, co) for ci, co in zip(c_in, c_out))
-        self.res_proj = nn.ModuleList(
-            nn.Identity() if ci == co else Conv(ci, co, 1, act=False) for ci, co in zip(c_in, c_out)
-        )
 
     def modulation(self, i: int, tokens: Tensor | None, batch: int) -> Tensor | None:
         """Per-(image, class) channel weights ``[B*N, C]`` = sigmoid(gamma * mean_M(tokens) + beta), or None."""
@@ -84,5 +77,5 @@ class PSALM(FusionNeck):
             s = self.support_tokens(i)
             a = self.attn[i](tok, s, (h, w), x_qk=qk, gate=self.modulation(i, s, b))  # [B', L, C]
             a = a.transpose(1, 2).reshape(-1, c, h, w) + expand_classes(ei, n)  # residual 1: enriched
-            out.append(self.refine[i](a) + expand_classes(self.res_proj[i](xi), n))  # residual 2: original input
+            out.append(self.out_proj[i](a) + expand_classes(self.res_proj[i](xi), n))  # residual 2: original input
         return out
