@@ -126,6 +126,19 @@ def test_ablation_switches(cls):
     assert sum(p.numel() for p in neck.parameters()) < sum(p.numel() for p in _neck(cls, 4).parameters())
 
 
+@pytest.mark.parametrize("cls", NECKS)
+def test_parameter_free_residual(cls):
+    c_in, c_out = LEVELS[3][0], [32, 48, 32]
+    neck = cls(c_in, c_out, D, residual="repeat").eval()
+    neck.prototypes = _protos(3)
+    assert [o.shape[:2] for o in neck(_feats(3))] == [(6, c) for c in c_out]
+    conv = cls(c_in, c_out, D, residual="conv")
+    saved = sum(p.numel() for p in conv.res_proj.parameters())
+    assert saved > 0 and sum(p.numel() for p in neck.parameters()) == sum(p.numel() for p in conv.parameters()) - saved
+    with pytest.raises(ValueError, match="multiples"):
+        cls([8, 16, 24], [12, 16, 24], D, residual="repeat")
+
+
 def test_bad_construction_is_clear():
     with pytest.raises(ValueError, match="3 \\(P3–P5\\) or 4"):
         PSALM([8, 16], [8, 16], D)

@@ -27,4 +27,5 @@ def test_bench_modules_json():
         assert out[name]["params"] == sum(p.numel() for p in module.parameters())
         assert out[name]["latency_ms"] > 0 and out[name]["peak_mem_mb"] >= 0
     assert out["ratios"]["params"] == round(out["PSALM"]["params"] / out["CHEAF"]["params"], 3)
+    assert out["PSALM-repeat"]["params"] < out["PSALM"]["params"]
     assert out["config"]["c_in"] == [32, 64, 128, 256] and out["p3_p5"]["config"]["c_in"] == [64, 128, 256]

@@ -31,13 +31,14 @@ CONFIGS = {
     "p2_p5": {"c_in": [32, 64, 128, 256], "sizes": [160, 80, 40, 20], "c_out": [128, 256, 512, 512], "proto_dim": 384},
     "p3_p5": {"c_in": [64, 128, 256], "sizes": [80, 40, 20], "c_out": [256, 512, 512], "proto_dim": 384},
 }
-MODULES = {"CHEAF": CHEAF, "PSALM": PSALM}
+MODULES = {"CHEAF": CHEAF, "PSALM": PSALM, "PSALM-repeat": PSALM}  # last: parameter-free input shortcut
+OPTIONS = {"PSALM-repeat": {"residual": "repeat"}}
 SEED_CLAIMS = {"CHEAF": (1.76e6, 40.15, 306), "PSALM": (0.78e6, 27.47, 385)}
 
 
 def build(name: str, cfg: dict, attn: str, scale: float = 1.0):
     torch.manual_seed(0)
-    m = MODULES[name](cfg["c_in"], cfg["c_out"], cfg["proto_dim"], attn=attn).eval()
+    m = MODULES[name](cfg["c_in"], cfg["c_out"], cfg["proto_dim"], attn=attn, **OPTIONS.get(name, {})).eval()
     m.prototypes = [torch.randn(1, 1, 1, cfg["proto_dim"]) for _ in cfg["c_in"]]
     x = [torch.randn(1, c, max(1, int(s * scale)), max(1, int(s * scale))) for c, s in zip(cfg["c_in"], cfg["sizes"])]
     return m, x
@@ -96,6 +97,10 @@ def measure(cfg_name: str, attn: str, iters: int, scale: float, threads: int) ->
     res["ratios"] = {
         k: round(res["PSALM"][k] / max(res["CHEAF"][k], 1e-9), 3) for k in ("params", "latency_ms", "peak_mem_mb")
     }
+    res["ratios_repeat"] = {
+        k: round(res["PSALM-repeat"][k] / max(res["CHEAF"][k], 1e-9), 3)
+        for k in ("params", "latency_ms", "peak_mem_mb")
+    }
     res["config"] = {
         **cfg,
         "sizes": [max(1, int(s * scale)) for s in cfg["sizes"]],
@@ -113,18 +118,23 @@ def table(name: str, r: dict) -> str:
     lines = [
         f"\n{name}: in {c['c_in']} @ {c['sizes']} -> out {c['c_out']}, proto {c['proto_dim']}, attn={c['attn']}, "
         f"batch 1, 1 class, {c['threads']} threads, median of {c['iters']}",
-        f"{'module':<8}{'params':>12}{'latency ms':>13}{'peak MB':>10}   seed claim (unknown hardware)",
+        f"{'module':<13}{'params':>12}{'latency ms':>13}{'peak MB':>10}   seed claim (unknown hardware)",
     ]
     for n in MODULES:
-        p, lat, mem = SEED_CLAIMS[n]
-        lines.append(
-            f"{n:<8}{r[n]['params']:>12,}{r[n]['latency_ms']:>13.2f}{r[n]['peak_mem_mb']:>10.1f}"
-            f"   {p / 1e6:.2f} M / {lat} ms / {mem} MB"
-        )
+        claim = ""
+        if n in SEED_CLAIMS:
+            p, lat, mem = SEED_CLAIMS[n]
+            claim = f"   {p / 1e6:.2f} M / {lat} ms / {mem} MB"
+        lines.append(f"{n:<13}{r[n]['params']:>12,}{r[n]['latency_ms']:>13.2f}{r[n]['peak_mem_mb']:>10.1f}{claim}")
     q = r["ratios"]
     lines.append(
         f"PSALM/CHEAF: params {q['params']:.2f}x (target <= 0.5), latency {q['latency_ms']:.2f}x "
         f"(target <= 0.7), peak memory {q['peak_mem_mb']:.2f}x"
+    )
+    q = r["ratios_repeat"]
+    lines.append(
+        f"PSALM-repeat/CHEAF: params {q['params']:.2f}x, latency {q['latency_ms']:.2f}x, "
+        f"peak memory {q['peak_mem_mb']:.2f}x"
     )
     return "\n".join(lines)
 
@@ -138,13 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--scale", type=float, default=1.0, help="spatial scale of the maps (tests use a small one)")
     a = ap.parse_args(argv)
     main_cfg = measure("p2_p5", a.attn, a.iters, a.scale, a.threads)
-    out = {
-        "CHEAF": main_cfg["CHEAF"],
-        "PSALM": main_cfg["PSALM"],
-        "ratios": main_cfg["ratios"],
-        "config": main_cfg["config"],
-        "p3_p5": measure("p3_p5", a.attn, a.iters, a.scale, a.threads),
-    }
+    out = {**main_cfg, "p3_p5": measure("p3_p5", a.attn, a.iters, a.scale, a.threads)}
     if a.json:
         print(json.dumps(out))
     else:

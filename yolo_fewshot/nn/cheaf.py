@@ -33,6 +33,7 @@ class CHEAF(FusionNeck):
         heads: Attention heads (lowered to a divisor of each level's width).
         pyramid: Whether to run the cross-scale pyramid (stage 2).
         short_long: Whether to run the short-long convolution branch beside the attention.
+        residual: Input shortcut to the output width, ``conv`` or ``repeat`` (see ``FusionNeck``).
         **attn_kwargs: Kernel options (e.g. ``stride=2`` for strided).
     """
 
@@ -45,9 +46,10 @@ class CHEAF(FusionNeck):
         heads: int = 4,
         pyramid: bool = True,
         short_long: bool = True,
+        residual: str = "conv",
         **attn_kwargs,
     ) -> None:
-        super().__init__(c_in, c_out, proto_dims, attn, heads, **attn_kwargs)
+        super().__init__(c_in, c_out, proto_dims, attn, heads, residual, **attn_kwargs)
         self.short_long = nn.ModuleList(ShortLongConv(c) for c in c_in) if short_long else None
         self.branch_fuse = nn.ModuleList(Conv(c * (2 if short_long else 1), c, 1) for c in c_in)
         self.pyramid = CrossScalePyramid(c_in) if pyramid else None

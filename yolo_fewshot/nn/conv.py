@@ -29,6 +29,28 @@ class DWSeparableConv(nn.Module):
         return self.pw(self.dw(x))
 
 
+class ChannelRepeat(nn.Module):
+    """Parameter-free widening shortcut: repeat the input channels ``c2 // c1`` times (He et al. 2016, option A style).
+
+    Args:
+        c1: Input channels.
+        c2: Output channels, a multiple of ``c1``.
+    """
+
+    def __init__(self, c1: int, c2: int) -> None:
+        super().__init__()
+        if c2 % c1:
+            raise ValueError(
+                f"residual='repeat' needs output channels that are multiples of the input's, got {c1}->{c2};"
+                " use residual='conv'"
+            )
+        self.times = c2 // c1
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[B, c1, H, W]`` -> ``[B, c2, H, W]``."""
+        return x.repeat(1, self.times, 1, 1)
+
+
 def expand_classes(x: Tensor, n: int | None) -> Tensor:
     """Repeat a per-image map ``[B, ...]`` once per reference class -> ``[B*N, ...]`` (image-major); None: unchanged."""
     return x if n is None else x.repeat_interleave(n, 0)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ultralytics.nn.modules.conv import Conv
 
 from .attention import build_attention
-from .conv import DWSeparableConv
+from .conv import ChannelRepeat, DWSeparableConv
 from .prototypes import PrototypeConsumer
 
 
@@ -45,6 +45,8 @@ class FusionNeck(nn.Module, PrototypeConsumer):
         proto_dims: Prototype width per level (or one int for all).
         attn: Attention kernel name (see ``yolo_fewshot.nn.attention.ATTENTIONS``).
         heads: Attention heads (lowered to a divisor of each level's width).
+        residual: Shortcut of the original input to the output width: ``conv`` (1x1 conv + BN, the seeds') or
+            ``repeat`` (parameter-free channel repetition; needs c_out multiples of c_in).
         **attn_kwargs: Kernel options (e.g. ``stride=2`` for strided).
     """
 
@@ -55,6 +57,7 @@ class FusionNeck(nn.Module, PrototypeConsumer):
         proto_dims: int | list[int],
         attn: str = "linear",
         heads: int = 4,
+        residual: str = "conv",
         **attn_kwargs,
     ) -> None:
         super().__init__()
@@ -71,9 +74,10 @@ class FusionNeck(nn.Module, PrototypeConsumer):
         self.attn = nn.ModuleList(build_attention(attn, c, heads, **attn_kwargs) for c in c_in)
         # depthwise-separable output projection (PSALM's "refinement") and the residual of the original input
         self.out_proj = nn.ModuleList(DWSeparableConv(ci, co) for ci, co in zip(c_in, c_out))
-        self.res_proj = nn.ModuleList(
-            nn.Identity() if ci == co else Conv(ci, co, 1, act=False) for ci, co in zip(c_in, c_out)
-        )
+        if residual not in ("conv", "repeat"):
+            raise ValueError(f"residual must be 'conv' or 'repeat', got '{residual}'")
+        shortcut = ChannelRepeat if residual == "repeat" else (lambda ci, co: Conv(ci, co, 1, act=False))
+        self.res_proj = nn.ModuleList(nn.Identity() if ci == co else shortcut(ci, co) for ci, co in zip(c_in, c_out))
 
     @classmethod
     def yaml_build(cls, c_in: list[int], args: list[Any], ctx: dict[str, Any]) -> tuple[list[Any], list[int]]:

@@ -38,6 +38,7 @@ class PSALM(FusionNeck):
         heads: Attention heads (lowered to a divisor of each level's width).
         pyramid: Whether to run the pyramid enrichment (stage 1).
         conv_qk: Whether queries/keys are pre-processed by a short-long convolution.
+        residual: Input shortcut to the output width, ``conv`` or ``repeat`` (see ``FusionNeck``).
         **attn_kwargs: Kernel options.
     """
 
@@ -50,9 +51,10 @@ class PSALM(FusionNeck):
         heads: int = 4,
         pyramid: bool = True,
         conv_qk: bool = True,
+        residual: str = "conv",
         **attn_kwargs,
     ) -> None:
-        super().__init__(c_in, c_out, proto_dims, attn, heads, **attn_kwargs)
+        super().__init__(c_in, c_out, proto_dims, attn, heads, residual, **attn_kwargs)
         self.pyramid = LightPyramid(c_in) if pyramid else None
         self.qk_conv = nn.ModuleList(ShortLongConv(c) for c in c_in) if conv_qk else None
         self.mod_scale = nn.ParameterList(nn.Parameter(torch.ones(c)) for c in c_in)
