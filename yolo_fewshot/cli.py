@@ -27,7 +27,7 @@ modes:
 Every key Ultralytics' `yolo` accepts works here too (see `yolo cfg`)."""
 
 MODES = ("info", "train", "val", "predict", "export", "track", "benchmark")
-PLUGIN_KEYS: dict[str, Any] = {}  # plugin-specific run settings, added by the modes that use them
+PLUGIN_KEYS: dict[str, Any] = {"encoder": None}  # plugin-specific settings (encoder: support encoder override)
 
 
 class UsageError(Exception):
@@ -66,7 +66,7 @@ def run(mode: str, overrides: dict[str, Any]) -> Any:
     """Execute one parsed command."""
     from . import FewShotYOLO
 
-    model = FewShotYOLO(overrides.pop("model", "yolov8n-psalm-p2.yaml"), verbose=False)
+    model = FewShotYOLO(overrides.pop("model", "yolov8n-psalm-p2.yaml"), encoder=overrides.pop("encoder", None))
     if mode == "info":
         return model.info(detailed=bool(overrides.get("verbose", False)), verbose=True)
     return getattr(model, mode)(**overrides)

@@ -67,3 +67,11 @@ def load_model_yaml(name: str | Path) -> dict[str, Any]:
         d["scale"] = next(iter(d["scales"]))  # Ultralytics' default: the first scale, said out loud here
     d["yaml_file"] = str(name)
     return d
+
+
+def neck_levels(cfg: dict[str, Any]) -> int:
+    """Number of pyramid levels the model's fusion neck takes (the length of its YAML row's ``from``)."""
+    for f, _, m, _ in cfg.get("head", []) + cfg.get("backbone", []):
+        if m in ("PSALM", "CHEAF"):
+            return len(f) if isinstance(f, list) else 1
+    raise ValueError(f"{cfg.get('yaml_file', 'model YAML')} has no PSALM or CHEAF row")

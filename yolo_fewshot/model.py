@@ -11,8 +11,11 @@ from ultralytics.engine.model import Model
 from ultralytics.models import yolo
 from ultralytics.utils import DEFAULT_CFG_DICT
 
-from .configs import load_model_yaml
+from .configs import load_model_yaml, neck_levels
+from .encoders import SupportEncoder, build_encoder
 from .nn.detector import FewShotDetectionModel
+from .references.bank import ReferenceBank
+from .references.build import build_bank
 
 
 class FewShotYOLO(Model):
@@ -29,11 +32,22 @@ class FewShotYOLO(Model):
     """
 
     def __init__(
-        self, model: str | Path = "yolov8n-psalm-p2.yaml", task: str | None = None, verbose: bool = False
+        self,
+        model: str | Path = "yolov8n-psalm-p2.yaml",
+        task: str | None = None,
+        verbose: bool = False,
+        encoder: str | None = None,
     ) -> None:
         if task not in (None, "detect"):
             raise ValueError(f"FewShotYOLO supports task='detect' only, got task='{task}'")
+        # set before Model.__init__, which builds the detector: the encoder fixes the prototype widths
+        self.__dict__.update(_encoder_request=encoder, _encoder=None, references=None)
         super().__init__(model=model, task="detect", verbose=verbose)
+        if encoder is not None and isinstance(self.model, FewShotDetectionModel) and encoder != self.encoder_name:
+            raise ValueError(
+                f"{model} was trained with encoder {self.encoder_name}; its prototype widths are fixed, so "
+                f"encoder={encoder} cannot be used with it"
+            )
         if isinstance(self.model, nn.Module) and not isinstance(self.model, FewShotDetectionModel):
             raise TypeError(
                 f"{model} is a plain Ultralytics model, not a few-shot one; load it with ultralytics.YOLO or "
@@ -55,6 +69,10 @@ class FewShotYOLO(Model):
     def _new(self, cfg: str, task: str | None = None, model: Any = None, verbose: bool = False) -> None:
         """Build from one of our YAMLs (resolved by :func:`~yolo_fewshot.configs.load_model_yaml`)."""
         cfg_dict = load_model_yaml(cfg)
+        if self.__dict__.get("_encoder_request"):
+            enc = self.__dict__["_encoder"] = build_encoder(self._encoder_request)
+            cfg_dict["encoder"] = self._encoder_request
+            cfg_dict["proto_dims"] = list(enc.spec.dims[-neck_levels(cfg_dict) :])
         self.cfg, self.task = str(cfg), "detect"
         self.model = (model or FewShotDetectionModel)(cfg_dict, verbose=verbose)
         self.overrides.update(model=self.cfg, task=self.task)
@@ -62,11 +80,49 @@ class FewShotYOLO(Model):
         self.model.task = self.task
         self.model_name = self.cfg
 
+    # -- references ----------------------------------------------------------------------------------------------------
+    @property
+    def encoder_name(self) -> str:
+        """The support encoder this model's prototypes come from (stored in the model YAML / checkpoint)."""
+        return self.model.yaml.get("encoder", "")
+
+    @property
+    def encoder(self) -> SupportEncoder:
+        """The frozen support encoder, built on first use from :attr:`encoder_name`; never part of the checkpoint."""
+        if self.__dict__.get("_encoder") is None:
+            enc = build_encoder(self.encoder_name)
+            dims = list(enc.spec.dims[-len(self.model.proto_dims) :])
+            if dims != list(self.model.proto_dims):
+                raise ValueError(
+                    f"encoder {self.encoder_name} gives prototype widths {dims}, the model expects "
+                    f"{self.model.proto_dims}"
+                )
+            self.__dict__["_encoder"] = enc
+        return self.__dict__["_encoder"]
+
+    def set_references(self, refs: Any, negatives: dict | None = None, method: str = "mean") -> ReferenceBank:
+        """Encode reference photos (or load a bank) and make them the classes the model detects.
+
+        Args:
+            refs: ``{class: [photo | (photo, box)]}``, a folder ``<class>/*.jpg`` (+ ``refs.yaml``), a ``.safetensors``
+                bank, or a :class:`~yolo_fewshot.references.bank.ReferenceBank`.
+            negatives: ``{class: [look-alike photos]}`` stored with the class.
+            method: Aggregation of the K references of a class: ``mean`` or ``robust``.
+
+        Returns:
+            The bank, also kept as :attr:`references` (``model.references.save("bank.safetensors")``).
+        """
+        bank = build_bank(self.encoder, refs, negatives, method)
+        self.model.set_prototypes(bank.prototypes(len(self.model.proto_dims)), bank.names)
+        self.__dict__["references"] = bank
+        self.predictor = None  # a cached predictor holds the old class names
+        return bank
+
     def set_prototypes(
         self, protos: Tensor | Sequence[Tensor] | None, names: Sequence[str] | dict | None = None
     ) -> FewShotYOLO:
         """Set the detector's reference prototypes (see :meth:`FewShotDetectionModel.set_prototypes`)."""
         self.model.set_prototypes(protos, names)
-        if self.predictor is not None:  # a cached predictor holds the old class names
-            self.predictor = None
+        self.__dict__["references"] = None  # prototypes set by hand have no bank
+        self.predictor = None  # a cached predictor holds the old class names
         return self

