@@ -227,3 +227,22 @@ def test_model_set_references_and_reload(tmp_path, encoder):
         reloaded.set_references(foreign)
     with pytest.raises(ValueError, match="trained with encoder efficientnet-lite0"):
         FewShotYOLO(tmp_path / "m.pt", encoder="efficientnet-lite2")
+
+
+# -- embedding cache -----
+def test_embedding_cache_computes_once_and_tracks_content(tmp_path, encoder):
+    from yolo_fewshot.references.cache import EmbeddingCache
+
+    img = _write(tmp_path / "imgs" / "a.jpg", data.coffee())
+    items = [(img, [10, 10, 200, 200]), (img, None), (img, [10, 10, 200, 200])]
+    cache = EmbeddingCache(tmp_path / "cache", encoder, views=2)
+    first = cache.embed(items)
+    assert cache.encoded == 2 and [tuple(e.shape) for e in first[0]] == [(2, 1, d) for d in encoder.spec.dims]
+    assert all(torch.equal(a, b) for a, b in zip(first[0], first[2]))
+    assert not torch.equal(first[0][0][0], first[0][0][1])  # the flipped view differs
+    again = EmbeddingCache(tmp_path / "cache", encoder, views=2)  # a new run: everything comes from disk
+    second = again.embed(items)
+    assert again.encoded == 0 and all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
+    _write(img, data.chelsea())  # same path, new content: recomputed
+    third = again.embed(items[:1])
+    assert again.encoded == 1 and not torch.equal(third[0][0], first[0][0])
