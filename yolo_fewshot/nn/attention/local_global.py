@@ -35,7 +35,11 @@ class LocalGlobalAttention(SupportAttention):
     ) -> None:
         super().__init__(dim, num_heads, qkv_bias)
         self.window, self.num_global = window, num_global
-        self.global_q = nn.Parameter(torch.randn(num_heads, num_global, self.head_dim) * self.head_dim**-0.5)
+        self.global_q = (
+            nn.Parameter(torch.randn(num_heads, num_global, self.head_dim) * self.head_dim**-0.5)
+            if num_global
+            else None
+        )
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, ks: Tensor | None, vs: Tensor | None, hw=None) -> Tensor:
         bsz, nh, length, d = q.shape
