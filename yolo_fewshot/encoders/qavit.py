@@ -185,6 +185,11 @@ class QAViT(nn.Module):
 
     def features(self, x: Tensor, keep: set[int] | None = None) -> list[tuple[Tensor, Tensor, tuple[int, int]]]:
         """``[B, 3, S, S]`` -> (tokens ``[B, N, d]``, bank ``[B, S_b, d]``, grid) after each block in ``keep``."""
+        if x.shape[-2:] != (self.cfg.img_size, self.cfg.img_size):
+            raise ValueError(
+                f"QAViT was built for {self.cfg.img_size}px inputs, got {tuple(x.shape[-2:])}; resize the "
+                f"crops to {self.cfg.img_size}"
+            )
         x = self.patch(x)
         hw = (x.shape[2], x.shape[3])
         x = x.flatten(2).transpose(1, 2) + self.pos
