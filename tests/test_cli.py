@@ -55,3 +55,17 @@ def test_help_and_version(capsys):
 def test_console_script():
     r = subprocess.run(["yolo-fewshot", "version"], capture_output=True, text=True, check=True)
     assert r.stdout.startswith("yolo_fewshot ")
+
+
+def test_refs_folder_on_the_command_line(tmp_path, capsys):
+    import cv2
+    from skimage import data
+
+    for name, img in (("coffee", data.coffee()), ("cat", data.chelsea())):
+        (tmp_path / name).mkdir()
+        cv2.imwrite(str(tmp_path / name / "1.jpg"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    argv = ["info", "model=yolov8n-psalm.yaml", "encoder=efficientnet-lite0", f"refs={tmp_path}"]
+    assert entrypoint(argv) == 0
+    assert "references: 2 classes ['cat', 'coffee'] (K=[1, 1]) encoded by efficientnet-lite0" in capsys.readouterr().out
+    assert entrypoint(["info", "encoder=efficientnet-lite0", f"refs={tmp_path / 'missing'}"]) == 2
+    assert "references not found" in capsys.readouterr().err

@@ -29,3 +29,16 @@ def test_bench_modules_json():
     assert out["ratios"]["params"] == round(out["PSALM"]["params"] / out["CHEAF"]["params"], 3)
     assert out["PSALM-repeat"]["params"] < out["PSALM"]["params"]
     assert out["config"]["c_in"] == [32, 64, 128, 256] and out["p3_p5"]["config"]["c_in"] == [64, 128, 256]
+
+
+def test_bench_encoder_json():
+    tool = TOOL.parent / "bench_encoder.py"
+    r = subprocess.run(
+        [sys.executable, str(tool), "--json", "--iters", "1", "--backends", "efficientnet-lite0"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(out["per_crop_ms"]) == {"efficientnet-lite0"} and out["per_crop_ms"]["efficientnet-lite0"] > 0
+    assert out["bank_3refs_s"] > 0 and out["bank_target_s"] == 0.3

@@ -2,7 +2,8 @@
 """Support encoders on this CPU: ms per reference crop for each backend, and the time to build a 3-reference bank.
 
 Backends: efficientnet-lite0/lite2 (real weights), DINOv2-S and DINOv3-ViT-S through transformers (random weights
-with the real configurations, saved and loaded by path: same cost as the real ones, no download). Per crop: median of
+with the real configurations, saved and loaded by path: same cost as the real ones, no download), QAViT-Tiny/Small
+(random init, as they are used). Per crop: median of
 ``--iters`` calls with batch 1 and with batch 8 (divided by 8). Bank: ``build_bank`` on three scikit-image photos
 (read from disk, cropped, encoded), median of ``--iters`` after one warm-up; target <= 0.3 s with efficientnet-lite0.
 
@@ -23,6 +24,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+
+BACKENDS = ("efficientnet-lite0", "efficientnet-lite2", "dinov2-small", "dinov3-vits16", "qavit-tiny", "qavit-small")
 
 
 def _dino(tmp: Path, kind: str) -> str:
@@ -68,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--backends", default="efficientnet-lite0,efficientnet-lite2,dinov2-small,dinov3-vits16")
+    ap.add_argument("--backends", default=",".join(BACKENDS))
     a = ap.parse_args(argv)
 
     import cv2

@@ -17,6 +17,8 @@ usage: yolo-fewshot MODE [key=value ...]
 
 modes:
   info       print the model summary            yolo-fewshot info model=yolov8n-psalm-p2.yaml
+             (any mode: encoder=efficientnet-lite0 picks the support encoder, refs=dir/ or refs=bank.safetensors
+              sets the reference classes: dir/<class name>/*.jpg, optional dir/refs.yaml for boxes and negatives)
   train      train (Ultralytics' train keys)   yolo-fewshot train model=yolov8n-psalm-p2.yaml data=my.yaml
   val        validate                          yolo-fewshot val model=best.pt data=my.yaml
   predict    detect in images/videos           yolo-fewshot predict model=best.pt source=scene.jpg
@@ -27,7 +29,8 @@ modes:
 Every key Ultralytics' `yolo` accepts works here too (see `yolo cfg`)."""
 
 MODES = ("info", "train", "val", "predict", "export", "track", "benchmark")
-PLUGIN_KEYS: dict[str, Any] = {"encoder": None}  # plugin-specific settings (encoder: support encoder override)
+# plugin-specific settings: encoder (support encoder override), refs (reference folder or .safetensors bank)
+PLUGIN_KEYS: dict[str, Any] = {"encoder": None, "refs": None}
 
 
 class UsageError(Exception):
@@ -67,6 +70,13 @@ def run(mode: str, overrides: dict[str, Any]) -> Any:
     from . import FewShotYOLO
 
     model = FewShotYOLO(overrides.pop("model", "yolov8n-psalm-p2.yaml"), encoder=overrides.pop("encoder", None))
+    refs = overrides.pop("refs", None)
+    if refs is not None:
+        bank = model.set_references(str(refs))
+        print(
+            f"references: {len(bank)} classes {bank.names} (K={[c.k for c in bank.classes.values()]}) "
+            f"encoded by {bank.spec.name}"
+        )
     if mode == "info":
         return model.info(detailed=bool(overrides.get("verbose", False)), verbose=True)
     return getattr(model, mode)(**overrides)
