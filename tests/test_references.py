@@ -216,6 +216,9 @@ def test_model_set_references_and_reload(tmp_path, encoder):
     assert y.shape[1] == 4 + 2
     bank.save(tmp_path / "bank.safetensors")
     model.save(tmp_path / "m.pt")
+    ckpt = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert not any("encoder" in name or "_blocks" in name for name, _ in ckpt["model"].named_modules())
+    assert ckpt["model"].yaml["encoder_spec"]["dims"] == [24, 40, 112, 320]  # the spec, not the weights
     reloaded = FewShotYOLO(tmp_path / "m.pt")
     assert reloaded.encoder_name == "efficientnet-lite0" and reloaded.model.proto_dims == [24, 40, 112, 320]
     reloaded.set_references(tmp_path / "bank.safetensors")

@@ -12,7 +12,7 @@ from ultralytics.models import yolo
 from ultralytics.utils import DEFAULT_CFG_DICT
 
 from .configs import load_model_yaml, neck_levels
-from .encoders import SupportEncoder, build_encoder
+from .encoders import EncoderSpec, SupportEncoder, build_encoder
 from .nn.detector import FewShotDetectionModel
 from .references.bank import ReferenceBank
 from .references.build import build_bank
@@ -73,6 +73,7 @@ class FewShotYOLO(Model):
             enc = self.__dict__["_encoder"] = build_encoder(self._encoder_request)
             cfg_dict["encoder"] = self._encoder_request
             cfg_dict["proto_dims"] = list(enc.spec.dims[-neck_levels(cfg_dict) :])
+            cfg_dict["encoder_spec"] = enc.spec.to_dict()
         self.cfg, self.task = str(cfg), "detect"
         self.model = (model or FewShotDetectionModel)(cfg_dict, verbose=verbose)
         self.overrides.update(model=self.cfg, task=self.task)
@@ -90,15 +91,21 @@ class FewShotYOLO(Model):
     def encoder(self) -> SupportEncoder:
         """The frozen support encoder, built on first use from :attr:`encoder_name`; never part of the checkpoint."""
         if self.__dict__.get("_encoder") is None:
-            enc = build_encoder(self.encoder_name)
-            dims = list(enc.spec.dims[-len(self.model.proto_dims) :])
-            if dims != list(self.model.proto_dims):
-                raise ValueError(
-                    f"encoder {self.encoder_name} gives prototype widths {dims}, the model expects "
-                    f"{self.model.proto_dims}"
-                )
-            self.__dict__["_encoder"] = enc
-        return self.__dict__["_encoder"]
+            self.__dict__["_encoder"] = build_encoder(self.encoder_name)
+        enc = self.__dict__["_encoder"]
+        dims = list(enc.spec.dims[-len(self.model.proto_dims) :])
+        if dims != list(self.model.proto_dims):
+            raise ValueError(
+                f"encoder {self.encoder_name} gives prototype widths {dims}, the model expects {self.model.proto_dims}"
+            )
+        stored = self.model.yaml.get("encoder_spec")
+        if stored is not None and not EncoderSpec.from_dict(stored).compatible(enc.spec):
+            raise ValueError(
+                f"the model was built with encoder {stored}, but '{self.encoder_name}' now loads as "
+                f"{enc.spec.to_dict()}; point encoder= at the original weights"
+            )
+        self.model.yaml["encoder_spec"] = enc.spec.to_dict()  # the checkpoint stores the spec, never the encoder
+        return enc
 
     def set_references(self, refs: Any, negatives: dict | None = None, method: str = "mean") -> ReferenceBank:
         """Encode reference photos (or load a bank) and make them the classes the model detects.
