@@ -57,3 +57,13 @@ def test_import_makes_no_network_access(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().endswith("ok")
+
+
+def test_setup_cfg_lists_every_subpackage():
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    listed = {p.strip() for p in cfg["options"]["packages"].split() if p.strip()}
+    found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "yolo_fewshot").rglob("__init__.py")}
+    assert found | {"yolo_fewshot.cfg"} == listed
