@@ -12,6 +12,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from .engine.cfg import PLUGIN_DEFAULTS
+
 USAGE = """\
 usage: yolo-fewshot MODE [key=value ...]
 
@@ -29,8 +31,7 @@ modes:
 Every key Ultralytics' `yolo` accepts works here too (see `yolo cfg`)."""
 
 MODES = ("info", "train", "val", "predict", "export", "track", "benchmark")
-# plugin-specific settings: encoder (support encoder override), refs (reference folder or .safetensors bank)
-PLUGIN_KEYS: dict[str, Any] = {"encoder": None, "refs": None}
+PLUGIN_KEYS: dict[str, Any] = PLUGIN_DEFAULTS  # encoder=, refs=, n_way=, k_max=, shots=, seeds=, ... (engine/cfg.py)
 
 
 class UsageError(Exception):

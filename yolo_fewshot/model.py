@@ -11,8 +11,10 @@ from ultralytics.engine.model import Model
 from ultralytics.models import yolo
 from ultralytics.utils import DEFAULT_CFG_DICT
 
-from .configs import load_model_yaml, neck_levels
-from .encoders import EncoderSpec, SupportEncoder, build_encoder
+from .configs import load_model_yaml
+from .encoders import EncoderSpec, SupportEncoder, build_encoder, configure_model_yaml
+from .engine.train import FewShotTrainer
+from .engine.val import FewShotValidator
 from .nn.detector import FewShotDetectionModel
 from .references.bank import ReferenceBank
 from .references.build import build_bank
@@ -60,8 +62,8 @@ class FewShotYOLO(Model):
         return {
             "detect": {
                 "model": FewShotDetectionModel,
-                "trainer": yolo.detect.DetectionTrainer,
-                "validator": yolo.detect.DetectionValidator,
+                "trainer": FewShotTrainer,
+                "validator": FewShotValidator,
                 "predictor": yolo.detect.DetectionPredictor,
             }
         }
@@ -70,16 +72,18 @@ class FewShotYOLO(Model):
         """Build from one of our YAMLs (resolved by :func:`~yolo_fewshot.configs.load_model_yaml`)."""
         cfg_dict = load_model_yaml(cfg)
         if self.__dict__.get("_encoder_request"):
-            enc = self.__dict__["_encoder"] = build_encoder(self._encoder_request)
-            cfg_dict["encoder"] = self._encoder_request
-            cfg_dict["proto_dims"] = list(enc.spec.dims[-neck_levels(cfg_dict) :])
-            cfg_dict["encoder_spec"] = enc.spec.to_dict()
+            self.__dict__["_encoder"] = configure_model_yaml(cfg_dict, self._encoder_request)
         self.cfg, self.task = str(cfg), "detect"
         self.model = (model or FewShotDetectionModel)(cfg_dict, verbose=verbose)
         self.overrides.update(model=self.cfg, task=self.task)
         self.model.args = {**DEFAULT_CFG_DICT, **self.overrides}
         self.model.task = self.task
         self.model_name = self.cfg
+
+    def train(self, trainer=None, **kwargs: Any):
+        """Ultralytics' train; the model's encoder travels with the run (the trainer may rebuild from the YAML)."""
+        kwargs.setdefault("encoder", self.encoder_name)
+        return super().train(trainer, **kwargs)
 
     # -- references ----------------------------------------------------------------------------------------------------
     @property

@@ -34,4 +34,16 @@ def build_encoder(name: str) -> SupportEncoder:
     raise ValueError(f"unknown encoder '{name}'; choose one of {', '.join(NAMES)}")
 
 
-__all__ = ["NAMES", "EncoderSpec", "SupportEncoder", "build_encoder"]
+def configure_model_yaml(cfg: dict, name: str) -> SupportEncoder:
+    """Make the model YAML dict ``cfg`` use encoder ``name``: sets ``encoder``, ``proto_dims`` (the encoder's widths of
+    the levels the neck fuses: the last ones) and ``encoder_spec``. Returns the built encoder."""
+    from ..configs import neck_levels
+
+    enc = build_encoder(name)
+    cfg["encoder"] = name
+    cfg["proto_dims"] = list(enc.spec.dims[-neck_levels(cfg) :])
+    cfg["encoder_spec"] = enc.spec.to_dict()
+    return enc
+
+
+__all__ = ["NAMES", "EncoderSpec", "SupportEncoder", "build_encoder", "configure_model_yaml"]

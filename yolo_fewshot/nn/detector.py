@@ -18,6 +18,7 @@ from torch import Tensor
 from ultralytics.nn.tasks import DetectionModel
 
 from ..configs import load_model_yaml
+from .loss import EpisodicDetectionLoss
 from .prototypes import PrototypeConsumer, as_prototypes
 
 BYPASS_NAMES = {0: "object"}
@@ -93,6 +94,24 @@ class FewShotDetectionModel(DetectionModel):
             return super().predict(x, *args, **kwargs)
         finally:
             self._bind(None)
+
+    # -- training ------------------------------------------------------------------------------------------------------
+    def init_criterion(self) -> EpisodicDetectionLoss:
+        return EpisodicDetectionLoss(self)
+
+    def loss(self, batch: dict, preds: Any = None):
+        """Ultralytics' loss; a batch may carry per-image episode prototypes (``batch["protos"]``, ``[B, N, M, D]``),
+        used for this call only. Labels' classes are prototype slots ``0..N-1``."""
+        saved = self.prototypes
+        if batch.get("protos") is not None:
+            self._protos = list(batch["protos"])
+        try:
+            if getattr(self, "criterion", None) is None:
+                self.criterion = self.init_criterion()
+            self.criterion.set_num_classes(1 if self._protos is None else int(self._protos[0].shape[1]))
+            return super().loss(batch, preds)
+        finally:
+            self._protos = saved
 
     def _apply(self, fn: Callable, *args: Any, **kwargs: Any):
         """Move/cast the prototypes with the weights (``.to``, ``.half``, ``.float``, ``.cuda``)."""

@@ -1,0 +1,54 @@
+"""Base / novel class split of an Ultralytics data YAML (the few-shot keys ``novel:`` and ``support:``).
+
+``novel`` lists class names or ids; every other class is base. During base training the novel classes' boxes are
+removed from the training labels (the standard FSOD protocol: the images stay, so novel objects appear there as
+unlabelled background). ``support`` optionally names the split references are drawn from (default: ``train``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class FewShotSplit:
+    """Class ids of the base and novel classes, and the split references come from."""
+
+    names: dict[int, str]
+    novel: tuple[int, ...]
+    support: str = "train"
+
+    @property
+    def base(self) -> tuple[int, ...]:
+        return tuple(i for i in self.names if i not in self.novel)
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any]) -> FewShotSplit:
+        """Read the split from a (checked) Ultralytics data dict.
+
+        Raises:
+            ValueError: A ``novel`` entry names no class, or every class is novel.
+        """
+        names = {
+            int(k): str(v)
+            for k, v in (data["names"].items() if isinstance(data["names"], dict) else enumerate(data["names"]))
+        }
+        by_name = {v: k for k, v in names.items()}
+        raw = data.get("novel") or []
+        if isinstance(raw, (str, int)):
+            raw = [s.strip() for s in str(raw).split(",")] if isinstance(raw, str) else [raw]
+        novel = []
+        for x in raw:
+            if isinstance(x, int) or (isinstance(x, str) and x.isdigit()):
+                if int(x) not in names:
+                    raise ValueError(f"novel class id {x} is not in the data YAML's names (ids 0..{len(names) - 1})")
+                novel.append(int(x))
+            elif x in by_name:
+                novel.append(by_name[x])
+            else:
+                raise ValueError(f"novel class '{x}' is not in the data YAML's names {sorted(by_name)}")
+        if novel and len(set(novel)) == len(names):
+            raise ValueError("every class is listed as novel; leave at least one base class to train on")
+        support = str(data.get("support") or "train")
+        return cls(names, tuple(sorted(set(novel))), support)

@@ -1,0 +1,135 @@
+"""FewShotTrainer: Ultralytics' DetectionTrainer with episodic batches (subclassed, not copied).
+
+What changes: the model is a FewShotDetectionModel; novel-class boxes are removed from the training labels; before
+training, every base-class instance is embedded once through the on-disk cache; each batch becomes an episode
+(:mod:`yolo_fewshot.data.episodes`) — per-image prototypes in ``batch["protos"]`` and labels remapped to prototype
+slots — so Ultralytics' loss, EMA, schedulers, checkpoints, ``resume`` and callbacks run unchanged.
+"""
+
+from __future__ import annotations
+
+from copy import copy
+from pathlib import Path
+from typing import Any
+
+from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.utils import LOGGER, RANK
+
+from ..configs import load_model_yaml
+from ..data.episodes import EpisodeSampler, remap_labels
+from ..data.split import FewShotSplit
+from ..data.support import instance_table
+from ..encoders import build_encoder, configure_model_yaml
+from ..nn.detector import FewShotDetectionModel
+from .cfg import FEWSHOT_CFG
+from .val import FewShotValidator
+
+
+def cache_dir(args: Any, data: dict) -> Path:
+    """Embedding cache location: ``fewshot_cache=`` or ``<dataset root>/.yolo_fewshot_cache``."""
+    return Path(args.fewshot_cache or Path(data.get("path") or Path(data["train"]).parent) / ".yolo_fewshot_cache")
+
+
+class FewShotTrainer(DetectionTrainer):
+    """Episodic few-shot training on Ultralytics' detection trainer (see module docstring)."""
+
+    def __init__(self, cfg=FEWSHOT_CFG, overrides: dict | None = None, _callbacks=None) -> None:
+        if overrides and overrides.get("compile"):
+            raise ValueError(
+                "compile=True is not supported for few-shot training (torch.compile drops the per-batch "
+                "prototypes); train without it"
+            )
+        super().__init__(cfg, overrides, _callbacks)
+        self.split = FewShotSplit.from_data(self.data)
+        self.sampler: EpisodeSampler | None = None
+        self.support = None  # InstanceTable of the support split (all classes), shared with the validator
+        self._encoder = None
+
+    # -- model -----------------------------------------------------------------------------------------------------
+    def get_model(self, cfg=None, weights=None, verbose: bool = True) -> FewShotDetectionModel:
+        cfg = load_model_yaml(cfg) if not isinstance(cfg, dict) else cfg
+        if self.args.encoder and self.args.encoder != cfg.get("encoder"):
+            self._encoder = configure_model_yaml(cfg, self.args.encoder)
+        model = FewShotDetectionModel(cfg, ch=self.data["channels"], verbose=verbose and RANK == -1)
+        if weights:
+            model.load(weights)
+        return model
+
+    def set_model_attributes(self) -> None:
+        """Hyper-parameters and the class split travel with the model (its names stay the references')."""
+        self.model.args = self.args
+        self.model.yaml["fewshot"] = {"names": dict(self.split.names), "novel": list(self.split.novel)}
+
+    @property
+    def encoder(self):
+        if self._encoder is None:
+            self._encoder = build_encoder(self.args.encoder or self.model.yaml["encoder"])
+        return self._encoder
+
+    # -- data ------------------------------------------------------------------------------------------------------
+    def build_dataset(self, img_path: str, mode: str = "train", batch: int | None = None):
+        ds = super().build_dataset(img_path, mode, batch)
+        if mode == "train":
+            if self.support is None and self.split.support == "train":
+                self.support = self._table(ds.labels, list(self.split.names))  # before novel boxes are removed
+            ds.update_labels(include_class=list(self.split.base))  # FSOD protocol: novel boxes become background
+        return ds
+
+    def _table(self, labels, classes):
+        LOGGER.info(
+            f"few-shot: embedding {sum(len(lb['cls']) for lb in labels)} boxes with {self.encoder.spec.name} "
+            f"(cached in {cache_dir(self.args, self.data)})"
+        )
+        return instance_table(labels, classes, self.encoder, cache_dir(self.args, self.data), self.args.views)
+
+    def _sampler(self) -> EpisodeSampler:
+        if self.sampler is None:
+            if self.support is None:  # support split other than train
+                from ultralytics.data import build_yolo_dataset
+
+                ds = build_yolo_dataset(
+                    self.args, self.data[self.split.support], self.args.batch, self.data, mode="val", stride=32
+                )
+                self.support = self._table(ds.labels, list(self.split.names))
+            base = [i for i, c in enumerate(self.support.cls) if c in set(self.split.base)]
+            table = type(self.support)(
+                [self.support.image[i] for i in base],
+                [self.support.cls[i] for i in base],
+                [self.support.embeddings[i] for i in base],
+            )
+            missing = [self.split.names[c] for c in self.split.base if not table.by_class.get(c)]
+            if missing:
+                LOGGER.warning(f"few-shot: base classes {missing} have no usable instance; they are never asked about")
+            self.sampler = EpisodeSampler(table, self.split.base, self.args.n_way, self.args.k_max, self.args.seed)
+        return self.sampler
+
+    def preprocess_batch(self, batch: dict) -> dict:
+        """Ultralytics' preprocessing, then the episode: prototypes per image and labels as prototype slots."""
+        batch = super().preprocess_batch(batch)
+        sampler = self._sampler()
+        b = batch["img"].shape[0]
+        present = [batch["cls"][batch["batch_idx"] == i].view(-1).long().tolist() for i in range(b)]
+        protos, slots = sampler.sample(list(batch["im_file"]), present)
+        keep, new_cls = remap_labels(batch["batch_idx"], batch["cls"], slots)
+        batch["cls"], batch["bboxes"], batch["batch_idx"] = new_cls, batch["bboxes"][keep], batch["batch_idx"][keep]
+        batch["protos"] = [p.to(self.device, batch["img"].dtype) for p in protos]
+        return batch
+
+    # -- validation ------------------------------------------------------------------------------------------------
+    def get_validator(self) -> FewShotValidator:
+        self.loss_names = "box_loss", "cls_loss", "dfl_loss"
+        return FewShotValidator(
+            self.test_loader,
+            save_dir=self.save_dir,
+            args=copy(self.args),
+            _callbacks=self.callbacks,
+            support=lambda: self.support,
+            split=self.split,
+        )
+
+    def plot_training_labels(self) -> None:
+        """Ultralytics plots label statistics with the data's class count; ours are the same classes."""
+        try:
+            super().plot_training_labels()
+        except (IndexError, ValueError) as e:  # plotting must never stop a training run
+            LOGGER.warning(f"few-shot: label plot skipped ({e})")

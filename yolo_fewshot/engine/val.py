@@ -1,0 +1,166 @@
+"""FewShotValidator: Ultralytics' DetectionValidator where each class is given K references drawn by seed.
+
+For every evaluated class, K reference instances are drawn (seeded) from the support pool, never from the image being
+evaluated; the resulting per-image prototypes are bound to the model, and Ultralytics computes its usual metrics over
+all classes. Reported on top: base and novel mAP50 / mAP50-95 for each K, mean ± std over seeds (``shots=1,3,5
+seeds=5``) — few-shot splits are high-variance, a single draw is not a result.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from ultralytics.models.yolo.detect import DetectionValidator
+from ultralytics.utils import LOGGER
+
+from ..data.episodes import InstanceTable
+from ..data.split import FewShotSplit
+from ..nn.detector import FewShotDetectionModel
+from .cfg import PLUGIN_DEFAULTS, parse_shots
+
+
+def _as_dict(args: Any) -> dict:
+    if args is None:
+        return {}
+    return dict(vars(args)) if not isinstance(args, dict) else dict(args)
+
+
+class FewShotValidator(DetectionValidator):
+    """Seeded K-shot validation with base / novel reporting (see module docstring).
+
+    Args:
+        dataloader, save_dir, args, _callbacks: As Ultralytics' DetectionValidator (``args`` may hold plugin keys).
+        support: Callable returning the trainer's support :class:`InstanceTable` (built here when absent).
+        split: The base/novel split (read from the data YAML when absent).
+    """
+
+    def __init__(self, dataloader=None, save_dir=None, args=None, _callbacks=None, support=None, split=None) -> None:
+        args = _as_dict(args)
+        plugin = {k: args.pop(k, v) for k, v in PLUGIN_DEFAULTS.items()}
+        super().__init__(dataloader, save_dir, args, _callbacks)
+        for k, v in plugin.items():
+            setattr(self.args, k, v)
+        self.shots, self.n_seeds = parse_shots(self.args.shots), max(1, int(self.args.seeds))
+        self.k, self.seed = self.shots[-1], 0
+        self._support, self.split = support, split
+        self.table: InstanceTable | None = None
+        self.fs_model: FewShotDetectionModel | None = None
+        self.results: list[dict] = []
+
+    # -- setup -----------------------------------------------------------------------------------------------------
+    def init_metrics(self, model) -> None:
+        fs = model if isinstance(model, FewShotDetectionModel) else getattr(model, "model", None)
+        if not isinstance(fs, FewShotDetectionModel):
+            raise TypeError(
+                "this is not a few-shot model (a plain Ultralytics checkpoint?); validate it with "
+                "`yolo val`, or train one with `yolo-fewshot train model=yolov8n-psalm-p2.yaml`"
+            )
+        self.fs_model = fs
+        self.split = self.split or FewShotSplit.from_data(self.data)
+        names = dict(self.split.names)
+        fs.names = model.names = names
+        super().init_metrics(model)
+        if self.table is None:
+            self.table = self._support() if self._support is not None else None
+            if self.table is None:
+                self.table = self._build_table()
+        self._prepare_draw()
+
+    def _build_table(self) -> InstanceTable:
+        from ultralytics.data import build_yolo_dataset
+
+        from ..data.support import instance_table
+        from ..encoders import build_encoder
+        from .train import cache_dir
+
+        encoder = build_encoder(self.args.encoder or self.fs_model.yaml["encoder"])
+        ds = build_yolo_dataset(
+            self.args, self.data[self.split.support], self.args.batch, self.data, mode="val", stride=32
+        )
+        return instance_table(
+            ds.labels, list(self.split.names), encoder, cache_dir(self.args, self.data), self.args.views
+        )
+
+    def _prepare_draw(self) -> None:
+        """Seeded order of candidate references per class; the default K-shot prototype of each class."""
+        self.order = {
+            c: np.random.default_rng([self.seed, c]).permutation(self.table.by_class.get(c, []))
+            for c in self.split.names
+        }
+        missing = [self.split.names[c] for c, o in self.order.items() if len(o) == 0]
+        if missing:
+            LOGGER.warning(
+                f"few-shot val: classes {missing} have no reference instance in the '{self.split.support}' "
+                "split; they cannot be detected"
+            )
+        self.default = {c: self._proto(c, None) for c in self.split.names}
+
+    def _proto(self, c: int, exclude: str | None) -> list[torch.Tensor]:
+        idx = [j for j in self.order[c] if self.table.image[j] != exclude][: self.k]
+        if not idx:
+            return [torch.zeros(self.table.embeddings[0][lv].shape[1:]) for lv in range(self.table.levels)]
+        return self.table.prototype(idx, None)
+
+    # -- per batch -------------------------------------------------------------------------------------------------
+    def preprocess(self, batch: dict) -> dict:
+        """Ultralytics' preprocessing, then bind per-image prototypes of every class (query image excluded)."""
+        batch = super().preprocess(batch)
+        classes = list(self.split.names)
+        per_image = []
+        for im in batch["im_file"]:
+            used = {c: any(self.table.image[j] == im for j in self.order[c][: self.k]) for c in classes}
+            per_image.append([self._proto(c, im) if used[c] else self.default[c] for c in classes])
+        p = next(self.fs_model.parameters())
+        self.fs_model._protos = [
+            torch.stack([torch.stack([img[c][lv] for c in range(len(classes))]) for img in per_image]).to(
+                p.device, p.dtype
+            )
+            for lv in range(self.table.levels)
+        ]
+        return batch
+
+    # -- runs ------------------------------------------------------------------------------------------------------
+    def split_metrics(self) -> dict[str, float]:
+        """Base and novel mAP50 / mAP50-95 of the last run (over classes with labels in the split)."""
+        box = self.metrics.box
+        idx = list(box.ap_class_index)
+        out = {}
+        for part, ids in (("base", self.split.base), ("novel", self.split.novel)):
+            rows = [idx.index(c) for c in ids if c in idx]
+            out[f"{part}_mAP50"] = float(np.mean(box.all_ap[rows, 0])) if rows else float("nan")
+            out[f"{part}_mAP50-95"] = float(np.mean(box.all_ap[rows].mean(1))) if rows else float("nan")
+        return out
+
+    def __call__(self, trainer=None, model=None):
+        if trainer is not None:  # during training: one draw at the largest K
+            stats = super().__call__(trainer, model)
+            self.fs_model._protos = None
+            return stats
+        self.results = []
+        stats = {}
+        for k in self.shots:
+            for seed in range(self.n_seeds):
+                self.k, self.seed, self.table = k, seed, self.table  # the table is kept across runs
+                if self.fs_model is not None:
+                    self._prepare_draw()
+                stats = super().__call__(trainer, model)
+                self.results.append({"shots": k, "seed": seed, **self.split_metrics()})
+        self.print_fewshot_summary()
+        return stats
+
+    def print_fewshot_summary(self) -> None:
+        """mean ± std over seeds of base / novel mAP for each K."""
+        LOGGER.info(
+            f"\nfew-shot results ({self.n_seeds} seed{'s' * (self.n_seeds > 1)} per K; base "
+            f"{len(self.split.base)} classes, novel {len(self.split.novel)})"
+        )
+        LOGGER.info(f"{'K':>3} {'base mAP50':>16} {'base mAP50-95':>16} {'novel mAP50':>16} {'novel mAP50-95':>16}")
+        for k in self.shots:
+            rows = [r for r in self.results if r["shots"] == k]
+            cells = []
+            for key in ("base_mAP50", "base_mAP50-95", "novel_mAP50", "novel_mAP50-95"):
+                v = np.array([r[key] for r in rows], float)
+                cells.append(f"{np.nanmean(v):.3f} ± {np.nanstd(v):.3f}" if np.isfinite(v).any() else "-")
+            LOGGER.info(f"{k:>3} " + " ".join(f"{c:>16}" for c in cells))
