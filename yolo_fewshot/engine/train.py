@@ -14,6 +14,7 @@ from typing import Any
 
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import LOGGER, RANK
+from ultralytics.utils.torch_utils import unwrap_model
 
 from ..configs import load_model_yaml
 from ..data.episodes import EpisodeSampler, remap_labels
@@ -112,7 +113,8 @@ class FewShotTrainer(DetectionTrainer):
         protos, slots = sampler.sample(list(batch["im_file"]), present)
         keep, new_cls = remap_labels(batch["batch_idx"], batch["cls"], slots)
         batch["cls"], batch["bboxes"], batch["batch_idx"] = new_cls, batch["bboxes"][keep], batch["batch_idx"][keep]
-        batch["protos"] = [p.to(self.device, batch["img"].dtype) for p in protos]
+        levels = len(unwrap_model(self.model).proto_dims)  # a P3–P5 model fuses the encoder's last three levels
+        batch["protos"] = [p.to(self.device, batch["img"].dtype) for p in protos[-levels:]]
         return batch
 
     # -- validation ------------------------------------------------------------------------------------------------

@@ -117,7 +117,7 @@ class FewShotValidator(DetectionValidator):
             torch.stack([torch.stack([img[c][lv] for c in range(len(classes))]) for img in per_image]).to(
                 p.device, p.dtype
             )
-            for lv in range(self.table.levels)
+            for lv in range(self.table.levels - len(self.fs_model.proto_dims), self.table.levels)
         ]
         return batch
 

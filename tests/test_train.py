@@ -1,0 +1,160 @@
+"""Few-shot split, episodes, and training/validation through Ultralytics' engine on a tiny generated dataset."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.fewshot_data import make_dataset
+from yolo_fewshot import FewShotYOLO
+from yolo_fewshot.data.episodes import EpisodeSampler, InstanceTable, remap_labels
+from yolo_fewshot.data.split import FewShotSplit
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCE_ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+TRAIN = dict(epochs=1, imgsz=64, batch=4, workers=0, plots=False, device="cpu", n_way=3, shots="1,3", verbose=False)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("fsd"))
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory):
+    model = FewShotYOLO("yolov8n-psalm-p2.yaml", encoder="efficientnet-lite0")
+    project = tmp_path_factory.mktemp("runs")
+    model.train(data=str(dataset), project=str(project), name="t", **TRAIN)
+    return model, project / "t"
+
+
+# -- split and episodes ----
+def test_split_reads_names_and_ids():
+    data = {"names": {0: "cup", 1: "cat", 2: "face", 3: "rocket"}}
+    assert FewShotSplit.from_data({**data, "novel": ["rocket", 1]}).novel == (1, 3)
+    assert FewShotSplit.from_data({**data, "novel": "rocket,cat"}).base == (0, 2)
+    with pytest.raises(ValueError, match="novel class 'dog' is not in the data YAML's names"):
+        FewShotSplit.from_data({**data, "novel": ["dog"]})
+    with pytest.raises(ValueError, match="novel class id 7"):
+        FewShotSplit.from_data({**data, "novel": [7]})
+    with pytest.raises(ValueError, match="every class is listed as novel"):
+        FewShotSplit.from_data({**data, "novel": [0, 1, 2, 3]})
+
+
+def _table(n_images=6, classes=(0, 1, 2)):
+    """Every instance of image i embeds as the one-hot vector e_i, so a prototype shows which images it used."""
+    image, cls, emb = [], [], []
+    for i in range(n_images):
+        for c in classes:
+            image.append(f"im{i}.jpg")
+            cls.append(c)
+            onehot = torch.zeros(2, 1, n_images)
+            onehot[..., i] = 1
+            emb.append([onehot, onehot.clone()])
+    return InstanceTable(image, cls, emb)
+
+
+def test_episodes_never_use_the_query_image():
+    table = _table()
+    sampler = EpisodeSampler(table, [0, 1, 2], n_way=3, k_max=5, seed=0)
+    rng = np.random.default_rng(1)
+    used_other = 0
+    for _ in range(50):
+        idx = rng.choice(6, 3)
+        protos, slots = sampler.sample([f"im{i}.jpg" for i in idx], [[0], [1, 2], []])
+        assert [p.shape for p in protos] == [(3, 3, 1, 6)] * 2
+        for b, own in enumerate(idx):
+            assert all(c >= 0 for c in slots[b])
+            assert torch.all(protos[0][b, :, 0, own] == 0)  # the query image never contributes
+            used_other += int((protos[0][b].sum(-1) > 0.99).all())  # each prototype is a mean of other images
+    assert used_other == 150
+    assert slots[0][0] == 0 and set(slots[1][:2]) == {1, 2}  # the present classes come first
+
+
+def test_episode_prototype_is_mean_of_other_images():
+    table = _table(n_images=2, classes=(0,))
+    protos, slots = EpisodeSampler(table, [0], n_way=1, k_max=1, seed=0).sample(["im0.jpg"], [[0]])
+    assert slots == [[0]] and protos[0].flatten().tolist() == [0.0, 1.0]  # only im1's instance may serve
+
+
+def test_remap_labels():
+    keep, cls = remap_labels(torch.tensor([0, 0, 1, 1]), torch.tensor([[2.0], [5.0], [5.0], [1.0]]), [[5, 2], [1, -1]])
+    assert keep.tolist() == [True, True, False, True] and cls.view(-1).tolist() == [1.0, 0.0, 0.0]
+
+
+# -- training through Ultralytics ----
+def test_training_writes_ultralytics_artifacts_and_removes_novel_boxes(trained):
+    model, run = trained
+    assert (run / "weights" / "best.pt").is_file() and (run / "results.csv").is_file()
+    labels = model.trainer.train_loader.dataset.labels
+    novel = model.trainer.split.novel
+    assert novel == (3,) and not any(np.isin(lb["cls"], novel).any() for lb in labels)
+    assert any(len(lb["cls"]) for lb in labels)
+
+
+def test_validation_reports_base_and_novel_per_k(trained):
+    model, _ = trained
+    results = model.trainer.validator.results
+    assert [r["shots"] for r in results] == [1, 3]
+    assert all({"base_mAP50", "base_mAP50-95", "novel_mAP50", "novel_mAP50-95"} <= set(r) for r in results)
+
+
+def test_best_pt_reloads_in_fresh_process_and_predicts(trained, dataset):
+    _, run = trained
+    img = next((dataset.parent / "images" / "val").glob("*.jpg"))
+    code = textwrap.dedent(f"""
+        from skimage import data
+        from yolo_fewshot import FewShotYOLO
+        m = FewShotYOLO(r"{run / "weights" / "best.pt"}")
+        assert m.encoder_name == "efficientnet-lite0", m.encoder_name
+        m.set_references({{"cat": [data.chelsea()], "cup": [data.coffee()]}})
+        r = m.model.eval()
+        import torch
+        y = r(torch.rand(1, 3, 64, 64))[0]
+        assert y.shape[1] == 6, y.shape
+        print("ok", m.names)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=SOURCE_ENV, cwd=run)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "ok {0: 'cat', 1: 'cup'}" in r.stdout
+    assert img.is_file()
+
+
+def test_resume_after_sigkill(dataset, tmp_path):
+    code = textwrap.dedent(f"""
+        import os, signal
+        from yolo_fewshot import FewShotYOLO
+        m = FewShotYOLO("yolov8n-psalm.yaml", encoder="efficientnet-lite0")
+        m.add_callback("on_model_save", lambda trainer: os.kill(os.getpid(), signal.SIGKILL))
+        m.train(data=r"{dataset}", project=r"{tmp_path}", name="r", epochs=3, imgsz=64, batch=4, workers=0,
+                plots=False, device="cpu", n_way=3, shots="1", val=False)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=SOURCE_ENV, cwd=tmp_path)
+    assert r.returncode == -9, r.stderr[-2000:]  # killed right after the first checkpoint
+    last = tmp_path / "r" / "weights" / "last.pt"
+    assert torch.load(last, weights_only=False)["epoch"] == 0
+    resumed = FewShotYOLO(last)
+    resumed.train(resume=True)
+    assert resumed.trainer.start_epoch == 1 and resumed.trainer.epoch == 2
+    assert resumed.trainer.split.novel == (3,) and resumed.model.yaml["encoder"] == "efficientnet-lite0"
+
+
+def test_compile_is_refused(dataset, tmp_path):
+    with pytest.raises(ValueError, match="compile=True is not supported"):
+        FewShotYOLO("yolov8n-psalm.yaml", encoder="efficientnet-lite0").train(
+            data=str(dataset), project=str(tmp_path), compile=True, **{**TRAIN, "epochs": 1}
+        )
+
+
+def test_unknown_novel_class_is_a_clear_error(dataset, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(dataset.read_text().replace("novel: [rocket]", "novel: [dragon]"))
+    with pytest.raises(ValueError, match="novel class 'dragon'"):
+        FewShotYOLO("yolov8n-psalm.yaml", encoder="efficientnet-lite0").train(
+            data=str(bad), project=str(tmp_path), **TRAIN
+        )
