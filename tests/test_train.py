@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.fewshot_data import make_dataset
 from yolo_fewshot import FewShotYOLO
 from yolo_fewshot.data.episodes import EpisodeSampler, InstanceTable, remap_labels
 from yolo_fewshot.data.split import FewShotSplit
+from yolo_fewshot.data.toy import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE_ENV = {**os.environ, "PYTHONPATH": str(REPO)}

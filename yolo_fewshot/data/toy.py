@@ -1,4 +1,8 @@
-"""A tiny generated few-shot detection dataset from scikit-image photos (deterministic, offline, seconds)."""
+"""A tiny generated few-shot detection dataset from scikit-image's photos (deterministic, offline, seconds).
+
+Four classes cut from real photos (cup, cat, face, rocket) pasted on blurred noise; ``rocket`` is novel by default.
+For tests and speed tools, not a benchmark (that is ``tools/make_benchmark.py``).
+"""
 
 from __future__ import annotations
 
@@ -6,14 +10,13 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from skimage import data
 
-# object crops (RGB) cut from scikit-image's photos: class name -> image
+# object crops (RGB) cut from scikit-image's photos: class name -> (image name, rows, cols)
 OBJECTS = {
-    "cup": lambda: data.coffee()[40:330, 110:430],
-    "cat": lambda: data.chelsea()[20:290, 60:400],
-    "face": lambda: data.astronaut()[20:220, 150:330],
-    "rocket": lambda: data.rocket()[60:420, 250:400],
+    "cup": ("coffee", slice(40, 330), slice(110, 430)),
+    "cat": ("chelsea", slice(20, 290), slice(60, 400)),
+    "face": ("astronaut", slice(20, 220), slice(150, 330)),
+    "rocket": ("rocket", slice(60, 420), slice(250, 400)),
 }
 
 
@@ -21,9 +24,11 @@ def make_dataset(
     root: Path, n_train: int = 24, n_val: int = 8, size: int = 128, novel: str = "rocket", seed: int = 0
 ) -> Path:
     """Write ``root/images/{train,val}``, ``root/labels/...`` and ``root/data.yaml``; returns the YAML path."""
+    from skimage import data  # scikit-image ships the photos
+
     rng = np.random.default_rng(seed)
     names = list(OBJECTS)
-    crops = {k: f() for k, f in OBJECTS.items()}
+    crops = {k: getattr(data, img)()[rows, cols] for k, (img, rows, cols) in OBJECTS.items()}
     for split, n in (("train", n_train), ("val", n_val)):
         (root / "images" / split).mkdir(parents=True, exist_ok=True)
         (root / "labels" / split).mkdir(parents=True, exist_ok=True)
