@@ -158,3 +158,39 @@ def test_unknown_novel_class_is_a_clear_error(dataset, tmp_path):
         FewShotYOLO("yolov8n-psalm.yaml", encoder="efficientnet-lite0").train(
             data=str(bad), project=str(tmp_path), **TRAIN
         )
+
+
+def test_ddp_file_rebuilds_the_trainer_with_plugin_keys(dataset, tmp_path):
+    """Ultralytics' DDP launcher writes a script that imports the trainer's class and rebuilds it from its own default
+    config; run that very script (minus the final train()) in a fresh process."""
+    from ultralytics.utils.dist import generate_ddp_file
+
+    from yolo_fewshot.engine.train import FewShotTrainer
+
+    trainer = FewShotTrainer(
+        overrides=dict(
+            model="yolov8n-psalm.yaml",
+            data=str(dataset),
+            encoder="efficientnet-lite0",
+            n_way=3,
+            k_max=2,
+            project=str(tmp_path),
+            name="ddp",
+            device="cpu",
+        )
+    )
+    path = Path(generate_ddp_file(trainer))
+    try:
+        code = path.read_text()
+        assert "trainer.train()" in code
+        code = code.replace(
+            "trainer.train()",
+            "print('rebuilt', type(trainer).__name__, trainer.args.n_way, "
+            "trainer.args.k_max, trainer.args.encoder, trainer.split.novel)",
+        )
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=SOURCE_ENV, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "rebuilt FewShotTrainer 3 2 efficientnet-lite0 (3,)" in r.stdout
+    finally:
+        path.unlink(missing_ok=True)
+        path.with_suffix(".pt").unlink(missing_ok=True)

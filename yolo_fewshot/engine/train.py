@@ -12,6 +12,7 @@ from copy import copy
 from pathlib import Path
 from typing import Any
 
+from ultralytics.cfg import cfg2dict
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import LOGGER, RANK
 from ultralytics.utils.torch_utils import unwrap_model
@@ -22,7 +23,7 @@ from ..data.split import FewShotSplit
 from ..data.support import instance_table
 from ..encoders import build_encoder, configure_model_yaml
 from ..nn.detector import FewShotDetectionModel
-from .cfg import FEWSHOT_CFG
+from .cfg import FEWSHOT_CFG, PLUGIN_DEFAULTS
 from .val import FewShotValidator
 
 
@@ -40,6 +41,8 @@ class FewShotTrainer(DetectionTrainer):
                 "compile=True is not supported for few-shot training (torch.compile drops the per-batch "
                 "prototypes); train without it"
             )
+        # Ultralytics' DDP launcher rebuilds the trainer with its plain default config as `cfg`: add our keys back
+        cfg = {**PLUGIN_DEFAULTS, **cfg2dict(cfg)}
         super().__init__(cfg, overrides, _callbacks)
         self.split = FewShotSplit.from_data(self.data)
         self.sampler: EpisodeSampler | None = None
