@@ -1,5 +1,6 @@
 """Few-shot split, episodes, and training/validation through Ultralytics' engine on a tiny generated dataset."""
 
+import json
 import os
 import subprocess
 import sys
@@ -194,3 +195,49 @@ def test_ddp_file_rebuilds_the_trainer_with_plugin_keys(dataset, tmp_path):
     finally:
         path.unlink(missing_ok=True)
         path.with_suffix(".pt").unlink(missing_ok=True)
+
+
+# -- COCO evaluation ----
+def test_pycocotools_scores_ground_truth_as_perfect():
+    from yolo_fewshot.engine.coco import coco_evaluate, coco_ground_truth
+
+    labels = [
+        {
+            "im_file": f"/d/{i:03d}.jpg",
+            "shape": (100, 200),
+            "cls": np.array([[i % 2], [2]]),
+            "bboxes": np.array([[0.5, 0.5, 0.2, 0.3], [0.2, 0.3, 0.1, 0.1]]),
+        }
+        for i in range(4)
+    ]
+    gt = coco_ground_truth(labels, {0: "a", 1: "b", 2: "c"}, list(range(1000)))
+    assert gt["annotations"][0]["bbox"] == [80.0, 35.0, 40.0, 30.0] and gt["images"][1]["id"] == 1
+    perfect = [{**{k: a[k] for k in ("image_id", "category_id", "bbox")}, "score": 1.0} for a in gt["annotations"]]
+    assert coco_evaluate(gt, perfect) == (1.0, 1.0)
+    assert coco_evaluate(gt, perfect, [2]) == (1.0, 1.0)
+    shifted = [{**d, "bbox": [d["bbox"][0] + 60, *d["bbox"][1:]]} for d in perfect]
+    assert coco_evaluate(gt, shifted) == (0.0, 0.0)
+    assert np.isnan(coco_evaluate(gt, perfect, [7])[0])  # no ground truth for that class
+
+
+def test_val_save_json_writes_coco_files_and_scores_them(trained, dataset, tmp_path):
+    model, _ = trained
+    model.val(
+        data=str(dataset),
+        imgsz=64,
+        batch=4,
+        workers=0,
+        device="cpu",
+        plots=False,
+        save_json=True,
+        shots="2",
+        seeds=2,
+        project=str(tmp_path),
+        name="v",
+        verbose=False,
+    )
+    run = tmp_path / "v"
+    gt = json.loads((run / "annotations.json").read_text())
+    preds = json.loads((run / "predictions.json").read_text())
+    assert len(gt["images"]) == 8 and {c["name"] for c in gt["categories"]} == {"cup", "cat", "face", "rocket"}
+    assert all({"image_id", "category_id", "bbox", "score"} <= set(p) for p in preds)

@@ -10,6 +10,18 @@ from ..references.cache import EmbeddingCache
 from .episodes import InstanceTable
 
 
+def label_shape(label: dict) -> tuple[int, int]:
+    """(h, w) of a label's image: its ``shape``, or — after Ultralytics' rect mode popped it — the image header."""
+    if "shape" in label:
+        return tuple(int(v) for v in label["shape"])
+    from PIL import Image
+    from ultralytics.data.utils import exif_size
+
+    with Image.open(label["im_file"]) as im:
+        w, h = exif_size(im)
+    return int(h), int(w)
+
+
 def instance_table(
     labels: Sequence[dict],
     classes: Sequence[int],
@@ -31,7 +43,7 @@ def instance_table(
     keep = {int(c) for c in classes}
     items, image, cls = [], [], []
     for lb in labels:
-        h, w = lb["shape"]
+        h, w = label_shape(lb)
         for c, (x, y, bw, bh) in zip(lb["cls"].reshape(-1).tolist(), lb["bboxes"].tolist()):
             if int(c) not in keep or bw * w < min_side or bh * h < min_side:
                 continue

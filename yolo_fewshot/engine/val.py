@@ -19,6 +19,7 @@ from ..data.episodes import InstanceTable
 from ..data.split import FewShotSplit
 from ..nn.detector import FewShotDetectionModel
 from .cfg import PLUGIN_DEFAULTS, parse_shots
+from .coco import coco_evaluate, coco_ground_truth, write_json
 
 
 def _as_dict(args: Any) -> dict:
@@ -48,6 +49,7 @@ class FewShotValidator(DetectionValidator):
         self.table: InstanceTable | None = None
         self.fs_model: FewShotDetectionModel | None = None
         self.results: list[dict] = []
+        self.coco_stats: dict[str, float] = {}
 
     # -- setup -----------------------------------------------------------------------------------------------------
     def init_metrics(self, model) -> None:
@@ -121,6 +123,23 @@ class FewShotValidator(DetectionValidator):
         ]
         return batch
 
+    # -- COCO evaluation -------------------------------------------------------------------------------------------
+    def eval_json(self, stats: dict) -> dict:
+        """With ``save_json=True``: write COCO ground truth and predictions, score them with pycocotools (all, base,
+        novel). Replaces Ultralytics' own JSON scoring, which handles COCO/LVIS only (and needs faster-coco-eval)."""
+        self.coco_stats = {}
+        if not (self.args.save_json and self.dataloader is not None):
+            return stats
+        gt = coco_ground_truth(self.dataloader.dataset.labels, self.split.names, self.class_map)
+        write_json(gt, self.save_dir / "annotations.json")
+        write_json(self.jdict, self.save_dir / "predictions.json")
+        cmap = self.class_map
+        for part, ids in (("all", None), ("base", self.split.base), ("novel", self.split.novel)):
+            ap, ap50 = coco_evaluate(gt, self.jdict, None if ids is None else [int(cmap[i]) for i in ids])
+            self.coco_stats[f"coco_{part}_mAP50-95"], self.coco_stats[f"coco_{part}_mAP50"] = ap, ap50
+        LOGGER.info("pycocotools: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in self.coco_stats.items()))
+        return stats
+
     # -- runs ------------------------------------------------------------------------------------------------------
     def split_metrics(self) -> dict[str, float]:
         """Base and novel mAP50 / mAP50-95 of the last run (over classes with labels in the split)."""
@@ -146,7 +165,7 @@ class FewShotValidator(DetectionValidator):
                 if self.fs_model is not None:
                     self._prepare_draw()
                 stats = super().__call__(trainer, model)
-                self.results.append({"shots": k, "seed": seed, **self.split_metrics()})
+                self.results.append({"shots": k, "seed": seed, **self.split_metrics(), **self.coco_stats})
         self.print_fewshot_summary()
         return stats
 
@@ -156,11 +175,14 @@ class FewShotValidator(DetectionValidator):
             f"\nfew-shot results ({self.n_seeds} seed{'s' * (self.n_seeds > 1)} per K; base "
             f"{len(self.split.base)} classes, novel {len(self.split.novel)})"
         )
-        LOGGER.info(f"{'K':>3} {'base mAP50':>16} {'base mAP50-95':>16} {'novel mAP50':>16} {'novel mAP50-95':>16}")
+        self._summary_keys = ["base_mAP50", "base_mAP50-95", "novel_mAP50", "novel_mAP50-95"]
+        if any("coco_novel_mAP50" in r for r in self.results):
+            self._summary_keys += ["coco_base_mAP50", "coco_novel_mAP50"]
+        LOGGER.info(f"{'K':>3} " + " ".join(f"{k.replace('_', ' '):>16}" for k in self._summary_keys))
         for k in self.shots:
             rows = [r for r in self.results if r["shots"] == k]
             cells = []
-            for key in ("base_mAP50", "base_mAP50-95", "novel_mAP50", "novel_mAP50-95"):
+            for key in self._summary_keys:
                 v = np.array([r[key] for r in rows], float)
                 cells.append(f"{np.nanmean(v):.3f} ± {np.nanstd(v):.3f}" if np.isfinite(v).any() else "-")
             LOGGER.info(f"{k:>3} " + " ".join(f"{c:>16}" for c in cells))
