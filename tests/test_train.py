@@ -241,3 +241,26 @@ def test_val_save_json_writes_coco_files_and_scores_them(trained, dataset, tmp_p
     preds = json.loads((run / "predictions.json").read_text())
     assert len(gt["images"]) == 8 and {c["name"] for c in gt["categories"]} == {"cup", "cat", "face", "rocket"}
     assert all({"image_id", "category_id", "bbox", "score"} <= set(p) for p in preds)
+
+
+# -- TFA-style fine-tuning ----
+def test_finetune_on_k_shots_with_frozen_backbone(trained, dataset, tmp_path):
+    from yolo_fewshot.data.kshot import kshot_images, list_images
+
+    images = list_images(str(dataset.parent / "images" / "train"))
+    pick = kshot_images(images, [0, 1, 2, 3], k=2, seed=0)
+    assert pick == kshot_images(images, [0, 1, 2, 3], k=2, seed=0) and len(pick) <= 8
+    _, run = trained
+    ft = FewShotYOLO(run / "weights" / "best.pt")
+    ft.train(data=str(dataset), project=str(tmp_path), name="ft", finetune=True, **{**TRAIN, "shots": "2"})
+    tr = ft.trainer
+    listed = (tmp_path / "ft" / "2shot_train.txt").read_text().split()
+    assert 1 <= len(listed) <= 8 and tr.trained_classes == (0, 1, 2, 3)
+    labels = tr.train_loader.dataset.labels
+    assert any(np.isin(lb["cls"], [3]).any() for lb in labels)  # novel boxes are trained on when fine-tuning
+    assert tr.args.freeze == 10
+    assert not tr.model.model[0].conv.weight.requires_grad and tr.model.model[10].attn[0].q.weight.requires_grad
+    with pytest.raises(ValueError, match="one shot count"):
+        FewShotYOLO(run / "weights" / "best.pt").train(
+            data=str(dataset), project=str(tmp_path), name="ft2", finetune=True, **TRAIN
+        )

@@ -19,6 +19,7 @@ PLUGIN_DEFAULTS: dict[str, Any] = {
     "seeds": 1,  # validation: reference draws per shot count
     "views": 2,  # cached augmented views per training instance
     "fewshot_cache": None,  # embedding cache dir (default: <dataset root>/.yolo_fewshot_cache)
+    "finetune": False,  # TFA-style: train on K shots (shots=K) of every class, novel included; backbone frozen
 }
 
 FEWSHOT_CFG = IterableSimpleNamespace(**{**DEFAULT_CFG_DICT, **PLUGIN_DEFAULTS})

@@ -19,11 +19,12 @@ from ultralytics.utils.torch_utils import unwrap_model
 
 from ..configs import load_model_yaml
 from ..data.episodes import EpisodeSampler, remap_labels
+from ..data.kshot import kshot_images, list_images, write_kshot_list
 from ..data.split import FewShotSplit
 from ..data.support import instance_table
 from ..encoders import build_encoder, configure_model_yaml
 from ..nn.detector import FewShotDetectionModel
-from .cfg import FEWSHOT_CFG, PLUGIN_DEFAULTS
+from .cfg import FEWSHOT_CFG, PLUGIN_DEFAULTS, parse_shots
 from .val import FewShotValidator
 
 
@@ -45,9 +46,25 @@ class FewShotTrainer(DetectionTrainer):
         cfg = {**PLUGIN_DEFAULTS, **cfg2dict(cfg)}
         super().__init__(cfg, overrides, _callbacks)
         self.split = FewShotSplit.from_data(self.data)
+        if self.args.finetune:
+            self._setup_finetune()
         self.sampler: EpisodeSampler | None = None
         self.support = None  # InstanceTable of the support split (all classes), shared with the validator
         self._encoder = None
+
+    def _setup_finetune(self) -> None:
+        """TFA-style fine-tuning: K shots of every class (novel too); backbone frozen unless ``freeze`` is set."""
+        shots = parse_shots(self.args.shots)
+        if len(shots) != 1:
+            raise ValueError(f"finetune=True takes one shot count (e.g. shots=5), got shots={self.args.shots}")
+        images = kshot_images(list_images(self.data["train"]), list(self.split.names), shots[0], self.args.seed)
+        self.data["train"] = str(write_kshot_list(images, Path(self.save_dir) / f"{shots[0]}shot_train.txt"))
+        if self.args.freeze is None:
+            self.args.freeze = 10  # the YOLOv8 backbone: layers 0-9
+        LOGGER.info(
+            f"few-shot fine-tune: {len(images)} images ({shots[0]} shots of {len(self.split.names)} classes), "
+            f"frozen layers 0-{self.args.freeze - 1}"
+        )
 
     # -- model -----------------------------------------------------------------------------------------------------
     def get_model(self, cfg=None, weights=None, verbose: bool = True) -> FewShotDetectionModel:
@@ -65,6 +82,11 @@ class FewShotTrainer(DetectionTrainer):
         self.model.yaml["fewshot"] = {"names": dict(self.split.names), "novel": list(self.split.novel)}
 
     @property
+    def trained_classes(self) -> tuple[int, ...]:
+        """Base classes in base training; every class when fine-tuning."""
+        return tuple(self.split.names) if self.args.finetune else self.split.base
+
+    @property
     def encoder(self):
         if self._encoder is None:
             self._encoder = build_encoder(self.args.encoder or self.model.yaml["encoder"])
@@ -76,7 +98,7 @@ class FewShotTrainer(DetectionTrainer):
         if mode == "train":
             if self.support is None and self.split.support == "train":
                 self.support = self._table(ds.labels, list(self.split.names))  # before novel boxes are removed
-            ds.update_labels(include_class=list(self.split.base))  # FSOD protocol: novel boxes become background
+            ds.update_labels(include_class=list(self.trained_classes))  # base training: novel boxes become background
         return ds
 
     def _table(self, labels, classes):
@@ -95,16 +117,16 @@ class FewShotTrainer(DetectionTrainer):
                     self.args, self.data[self.split.support], self.args.batch, self.data, mode="val", stride=32
                 )
                 self.support = self._table(ds.labels, list(self.split.names))
-            base = [i for i, c in enumerate(self.support.cls) if c in set(self.split.base)]
+            base = [i for i, c in enumerate(self.support.cls) if c in set(self.trained_classes)]
             table = type(self.support)(
                 [self.support.image[i] for i in base],
                 [self.support.cls[i] for i in base],
                 [self.support.embeddings[i] for i in base],
             )
-            missing = [self.split.names[c] for c in self.split.base if not table.by_class.get(c)]
+            missing = [self.split.names[c] for c in self.trained_classes if not table.by_class.get(c)]
             if missing:
                 LOGGER.warning(f"few-shot: base classes {missing} have no usable instance; they are never asked about")
-            self.sampler = EpisodeSampler(table, self.split.base, self.args.n_way, self.args.k_max, self.args.seed)
+            self.sampler = EpisodeSampler(table, self.trained_classes, self.args.n_way, self.args.k_max, self.args.seed)
         return self.sampler
 
     def preprocess_batch(self, batch: dict) -> dict:
