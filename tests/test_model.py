@@ -173,3 +173,16 @@ def test_yaml_without_the_requested_scale(tmp_path):
 def test_detection_model_directly():
     m = FewShotDetectionModel("yolov8n-psalm.yaml", verbose=False)
     assert m.proto_dims == [384, 384, 384]
+
+
+def test_many_classes_run_in_chunks_with_identical_results():
+    m = FewShotYOLO("yolov8n-psalm-p2.yaml")
+    dm = m.model.eval()
+    m.set_prototypes(_protos(5))
+    x = torch.rand(2, 3, 64, 64)
+    whole, raw = dm(x)
+    dm.class_chunk = 2  # 3 chunks: 2 + 2 + 1 classes
+    chunked, raw_c = dm(x)
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(raw_c["scores"], raw["scores"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(raw_c["boxes"], raw["boxes"], atol=1e-5, rtol=1e-4)

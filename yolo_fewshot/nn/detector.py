@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 from ultralytics.nn.tasks import DetectionModel
 
@@ -113,9 +114,59 @@ class FewShotDetectionModel(DetectionModel):
         finally:
             self._protos = saved
 
+    # -- many classes: bounded memory --------------------------------------------------------------------------------
+    class_chunk: int = 16  # inference runs the per-class part (neck + head) on at most this many classes at a time
+
+    def _predict_once(self, x: Tensor, profile: bool = False, embed: Any = None):
+        """Ultralytics' layer loop, except that with more than ``class_chunk`` reference classes (inference) the layers
+        from the first prototype consumer on run chunk by chunk, and the chunks' outputs are merged exactly."""
+        protos = self.prototypes
+        n = None if protos is None else int(protos[0].shape[1])
+        if self.training or profile or embed or n is None or n <= self.class_chunk:
+            return super()._predict_once(x, profile, embed)
+        first = next(i for i, m in enumerate(self.model) if isinstance(m, PrototypeConsumer))
+        shared_y: list = []
+        for m in self.model[:first]:
+            x = _run_layer(m, x, shared_y, self.save)
+        outs = []
+        try:
+            for s in range(0, n, self.class_chunk):
+                self._bind([p[:, s : s + self.class_chunk] for p in protos])
+                y, xc = list(shared_y), x
+                for m in self.model[first:]:
+                    xc = _run_layer(m, xc, y, self.save)
+                outs.append(xc)
+        finally:
+            self._bind(protos)
+        return merge_chunks(outs)
+
     def _apply(self, fn: Callable, *args: Any, **kwargs: Any):
         """Move/cast the prototypes with the weights (``.to``, ``.half``, ``.float``, ``.cuda``)."""
         super()._apply(fn, *args, **kwargs)
         if self.__dict__.get("_protos") is not None:
             self._protos = [fn(t) for t in self._protos]
         return self
+
+
+def _run_layer(m, x, y: list, save: list):
+    """One step of the Sequential protocol Ultralytics' YAML models use (inputs from ``m.f``, keep if in ``save``)."""
+    if m.f != -1:
+        x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
+    x = m(x)
+    y.append(x if m.i in save else None)
+    return x
+
+
+def merge_chunks(outs: list) -> Any:
+    """Merge head outputs of class chunks: scores concatenated, per anchor the box of the best-scoring class overall."""
+    ys = [o[0] if isinstance(o, tuple) else o for o in outs]  # decoded [B, 4 + n_c, A]
+    best = torch.stack([y[:, 4:].max(1).values for y in ys]).argmax(0)  # [B, A]: chunk holding each anchor's best class
+    boxes = torch.stack([y[:, :4] for y in ys]).gather(0, best[None, :, None].expand(1, -1, 4, -1))[0]
+    y = torch.cat([boxes, *[y[:, 4:] for y in ys]], 1)
+    if not isinstance(outs[0], tuple):
+        return y
+    raws = [o[1] for o in outs]
+    rb = torch.stack([r["boxes"] for r in raws]).gather(
+        0, best[None, :, None].expand(1, -1, raws[0]["boxes"].shape[1], -1)
+    )[0]
+    return y, {**raws[0], "boxes": rb, "scores": torch.cat([r["scores"] for r in raws], 1)}
