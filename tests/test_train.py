@@ -83,6 +83,24 @@ def test_episode_prototype_is_mean_of_other_images():
     assert slots == [[0]] and protos[0].flatten().tolist() == [0.0, 1.0]  # only im1's instance may serve
 
 
+def test_hard_negatives_are_look_alikes():
+    """Class 1 embeds close to class 0, class 2 far from it: hard negatives for an image of class 0 are class 1."""
+    image, cls, emb = [], [], []
+    centre = {0: torch.tensor([1.0, 0.0, 0.0]), 1: torch.tensor([0.9, 0.1, 0.0]), 2: torch.tensor([0.0, 0.0, 1.0])}
+    for i in range(4):
+        for c in (0, 1, 2):
+            image.append(f"im{i}.jpg")
+            cls.append(c)
+            emb.append([centre[c].view(1, 1, 3).repeat(2, 1, 1)])
+    table = InstanceTable(image, cls, emb)
+    hard = EpisodeSampler(table, [0, 1, 2], n_way=2, hard_negatives=1.0, seed=0)
+    assert hard.similar[0] == [1, 2]
+    negatives = [hard.sample(["im0.jpg"], [[0]])[1][0][1] for _ in range(20)]
+    assert set(negatives) == {1}
+    easy = EpisodeSampler(table, [0, 1, 2], n_way=2, hard_negatives=0.0, seed=0)
+    assert {easy.sample(["im0.jpg"], [[0]])[1][0][1] for _ in range(40)} == {1, 2}
+
+
 def test_remap_labels():
     keep, cls = remap_labels(torch.tensor([0, 0, 1, 1]), torch.tensor([[2.0], [5.0], [5.0], [1.0]]), [[5, 2], [1, -1]])
     assert keep.tolist() == [True, True, False, True] and cls.view(-1).tolist() == [1.0, 0.0, 0.0]

@@ -58,14 +58,48 @@ class EpisodeSampler:
         classes: Base class ids episodes may ask about.
         n_way: Classes per image (present + negatives).
         k_max: Maximum references per prototype (K is drawn from 1..k_max).
+        hard_negatives: Fraction of negative slots filled with the absent class most similar (cosine of the class
+            embedding centroids) to a class present in the image — look-alikes — instead of a random absent class.
         seed: Seed of the sampler's generator.
     """
 
-    def __init__(self, table: InstanceTable, classes: Sequence[int], n_way: int = 4, k_max: int = 5, seed: int = 0):
-        if n_way < 1 or k_max < 1:
-            raise ValueError(f"n_way and k_max must be >= 1, got n_way={n_way}, k_max={k_max}")
+    def __init__(
+        self,
+        table: InstanceTable,
+        classes: Sequence[int],
+        n_way: int = 4,
+        k_max: int = 5,
+        hard_negatives: float = 0.5,
+        seed: int = 0,
+    ):
+        if n_way < 1 or k_max < 1 or not 0 <= hard_negatives <= 1:
+            raise ValueError(
+                f"need n_way >= 1, k_max >= 1 and 0 <= hard_negatives <= 1; got {n_way}, {k_max}, {hard_negatives}"
+            )
         self.table, self.classes, self.n_way, self.k_max = table, list(classes), n_way, k_max
+        self.hard = hard_negatives
         self.rng = np.random.default_rng(seed)
+        self.similar = self._similarity()
+
+    def _similarity(self) -> dict[int, list[int]]:
+        """For each class, the other classes ordered from most to least similar (cosine of embedding centroids)."""
+        cls = [c for c in self.classes if self.table.by_class.get(c)]
+        if len(cls) < 2:
+            return {c: [] for c in cls}
+        cent = torch.stack(
+            [
+                torch.stack(
+                    [
+                        torch.cat([e.flatten() for e in (lv[0] for lv in self.table.embeddings[j])])
+                        for j in self.table.by_class[c]
+                    ]
+                ).mean(0)
+                for c in cls
+            ]
+        )
+        cent = torch.nn.functional.normalize(cent, dim=1)
+        sim = cent @ cent.T
+        return {c: [cls[j] for j in sim[i].argsort(descending=True).tolist() if j != i] for i, c in enumerate(cls)}
 
     def sample(self, images: Sequence[str], present: Sequence[Sequence[int]]) -> tuple[list[Tensor], list[list[int]]]:
         """One episode per image.
@@ -85,8 +119,13 @@ class EpisodeSampler:
             self.rng.shuffle(usable)
             slots = usable[: self.n_way]
             absent = [c for c in self.classes if c not in set(pres) and self.table.candidates(c, im)]
-            if absent and len(slots) < self.n_way:
-                slots += list(self.rng.choice(absent, min(len(absent), self.n_way - len(slots)), replace=False))
+            while absent and len(slots) < self.n_way:
+                hard = [c for p in slots for c in self.similar.get(p, [])[:1] if c in absent]
+                pick = (
+                    hard[0] if hard and self.rng.random() < self.hard else absent[int(self.rng.integers(len(absent)))]
+                )
+                slots.append(pick)
+                absent.remove(pick)
             slots = [int(c) for c in slots] + [-1] * (self.n_way - len(slots))
             for c in slots:
                 if c < 0:

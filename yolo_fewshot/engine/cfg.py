@@ -15,6 +15,7 @@ PLUGIN_DEFAULTS: dict[str, Any] = {
     "refs": None,  # reference folder or .safetensors bank (predict/track/export)
     "n_way": 4,  # classes per training episode (present + negatives)
     "k_max": 5,  # references per training prototype: K ~ U[1, k_max]
+    "hard_negatives": 0.5,  # share of negative episode slots given to look-alike classes (most similar embeddings)
     "shots": "1,3,5",  # validation: references per class (list or comma string)
     "seeds": 1,  # validation: reference draws per shot count
     "views": 2,  # cached augmented views per training instance

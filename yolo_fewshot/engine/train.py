@@ -126,7 +126,9 @@ class FewShotTrainer(DetectionTrainer):
             missing = [self.split.names[c] for c in self.trained_classes if not table.by_class.get(c)]
             if missing:
                 LOGGER.warning(f"few-shot: base classes {missing} have no usable instance; they are never asked about")
-            self.sampler = EpisodeSampler(table, self.trained_classes, self.args.n_way, self.args.k_max, self.args.seed)
+            self.sampler = EpisodeSampler(
+                table, self.trained_classes, self.args.n_way, self.args.k_max, self.args.hard_negatives, self.args.seed
+            )
         return self.sampler
 
     def preprocess_batch(self, batch: dict) -> dict:
