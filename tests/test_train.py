@@ -282,3 +282,27 @@ def test_finetune_on_k_shots_with_frozen_backbone(trained, dataset, tmp_path):
         FewShotYOLO(run / "weights" / "best.pt").train(
             data=str(dataset), project=str(tmp_path), name="ft2", finetune=True, **TRAIN
         )
+
+
+# -- bad data ----
+def test_bad_data_gets_clear_messages_and_training_goes_on(tmp_path):
+    root = tmp_path / "d"
+    yaml = make_dataset(root, n_train=12, n_val=4)
+    (root / "labels" / "train" / "000.txt").write_text("9 0.5 0.5 0.2 0.2\n")  # class id out of range
+    (root / "labels" / "train" / "001.txt").write_text("")  # empty: a background image
+    (root / "images" / "train" / "002.jpg").write_bytes(b"not a jpeg")  # corrupt image
+    for f in (root / "labels" / "train").glob("*.txt"):  # the novel class has no instance to draw references from
+        f.write_text("".join(ln + "\n" for ln in f.read_text().splitlines() if not ln.startswith("3 ")))
+    code = textwrap.dedent(f"""
+        from yolo_fewshot import FewShotYOLO
+        FewShotYOLO("yolov8n-psalm.yaml", encoder="efficientnet-lite0").train(
+            data=r"{yaml}", project=r"{tmp_path}", name="bad", epochs=1, imgsz=64, batch=4, workers=0, plots=False,
+            device="cpu", n_way=3, shots="1")
+        print("TRAINED")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=SOURCE_ENV, cwd=tmp_path)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "TRAINED" in out, out[-3000:]
+    assert "Label class 9 exceeds dataset class count 4" in out  # Ultralytics' own check, unchanged
+    assert "002.jpg" in out and "corrupt" in out.lower()
+    assert "classes ['rocket'] have no reference instance in the 'train' split" in out
