@@ -58,7 +58,7 @@ class FewShotYOLO(Model):
 
     @property
     def task_map(self) -> dict[str, dict[str, Any]]:
-        """Detection only; engine classes are Ultralytics' (specialised in their own modules as they land)."""
+        """Detection only: the few-shot trainer and validator; prediction is still Ultralytics' own predictor."""
         return {
             "detect": {
                 "model": FewShotDetectionModel,

@@ -50,6 +50,7 @@ class FewShotValidator(DetectionValidator):
         self.fs_model: FewShotDetectionModel | None = None
         self.results: list[dict] = []
         self.coco_stats: dict[str, float] = {}
+        self._saved_state: tuple | None = None
 
     # -- setup -----------------------------------------------------------------------------------------------------
     def init_metrics(self, model) -> None:
@@ -59,6 +60,8 @@ class FewShotValidator(DetectionValidator):
                 "this is not a few-shot model (a plain Ultralytics checkpoint?); validate it with "
                 "`yolo val`, or train one with `yolo-fewshot train model=yolov8n-psalm-p2.yaml`"
             )
+        if self.fs_model is not fs:  # remember the model's own references, restored when validation ends
+            self._saved_state = (fs.prototypes, dict(fs.names))
         self.fs_model = fs
         self.split = self.split or FewShotSplit.from_data(self.data)
         names = dict(self.split.names)
@@ -153,21 +156,28 @@ class FewShotValidator(DetectionValidator):
         return out
 
     def __call__(self, trainer=None, model=None):
-        if trainer is not None:  # during training: one draw at the largest K
-            stats = super().__call__(trainer, model)
-            self.fs_model._protos = None
+        try:
+            if trainer is not None:  # during training: one draw at the largest K
+                return super().__call__(trainer, model)
+            self.results = []
+            stats = {}
+            for k in self.shots:
+                for seed in range(self.n_seeds):
+                    self.k, self.seed = k, seed
+                    if self.fs_model is not None:  # the support table is kept across runs; only the draw changes
+                        self._prepare_draw()
+                    stats = super().__call__(trainer, model)
+                    self.results.append({"shots": k, "seed": seed, **self.split_metrics(), **self.coco_stats})
+            self.print_fewshot_summary()
             return stats
-        self.results = []
-        stats = {}
-        for k in self.shots:
-            for seed in range(self.n_seeds):
-                self.k, self.seed, self.table = k, seed, self.table  # the table is kept across runs
-                if self.fs_model is not None:
-                    self._prepare_draw()
-                stats = super().__call__(trainer, model)
-                self.results.append({"shots": k, "seed": seed, **self.split_metrics(), **self.coco_stats})
-        self.print_fewshot_summary()
-        return stats
+        finally:
+            self.restore_model()
+
+    def restore_model(self) -> None:
+        """Give the model back its own references and names (validation binds per-image ones of every class)."""
+        if self.fs_model is not None and getattr(self, "_saved_state", None) is not None:
+            self.fs_model._protos, self.fs_model.names = self._saved_state[0], self._saved_state[1]
+            self.fs_model = None
 
     def print_fewshot_summary(self) -> None:
         """mean ± std over seeds of base / novel mAP for each K."""
