@@ -163,6 +163,20 @@ def test_resume_after_sigkill(dataset, tmp_path):
     assert resumed.trainer.split.novel == (3,) and resumed.model.yaml["encoder"] == "efficientnet-lite0"
 
 
+def test_checkpoint_writes_are_atomic(trained, tmp_path):
+    from yolo_fewshot.engine.train import AtomicPath
+
+    model, run = trained
+    tr = model.trainer
+    assert all(isinstance(p, AtomicPath) for p in (tr.last, tr.best, tr.wdir / "epoch3.pt"))
+    target = AtomicPath(tmp_path / "last.pt")
+    target.write_bytes(b"old")
+    inode = os.stat(target).st_ino
+    target.write_bytes(b"new")  # a new file renamed over the old one: readers see old or new, never half
+    assert target.read_bytes() == b"new" and os.stat(target).st_ino != inode
+    assert not list(tmp_path.glob(".last.pt.*"))
+
+
 def test_compile_is_refused(dataset, tmp_path):
     with pytest.raises(ValueError, match="compile=True is not supported"):
         FewShotYOLO("yolov8n-psalm.yaml", encoder="efficientnet-lite0").train(
@@ -306,3 +320,32 @@ def test_bad_data_gets_clear_messages_and_training_goes_on(tmp_path):
     assert "Label class 9 exceeds dataset class count 4" in out  # Ultralytics' own check, unchanged
     assert "002.jpg" in out and "corrupt" in out.lower()
     assert "classes ['rocket'] have no reference instance in the 'train' split" in out
+
+
+# -- command line ----
+def test_cli_train_and_val_with_plugin_keys(dataset, tmp_path, capsys):
+    from yolo_fewshot.cli import entrypoint
+
+    common = [f"data={dataset}", "imgsz=64", "batch=4", "workers=0", "device=cpu", "plots=False", f"project={tmp_path}"]
+    argv = [
+        "train",
+        "model=yolov8n-psalm.yaml",
+        "encoder=efficientnet-lite0",
+        "epochs=1",
+        "n_way=2",
+        "k_max=2",
+        "shots=1",
+        "name=cli",
+        *common,
+    ]
+    assert entrypoint(argv) == 0
+    best = tmp_path / "cli" / "weights" / "best.pt"
+    assert best.is_file()
+    assert entrypoint(["val", f"model={best}", "shots=1,2", "seeds=1", "name=cliv", *common]) == 0
+    from ultralytics import YOLO
+
+    YOLO("yolov8n.yaml").save(tmp_path / "plain.pt")
+    capsys.readouterr()
+    assert entrypoint(["val", f"model={tmp_path / 'plain.pt'}", *common]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("yolo-fewshot: error:") and "plain Ultralytics model" in err and "\n" not in err

@@ -8,6 +8,7 @@ slots — so Ultralytics' loss, EMA, schedulers, checkpoints, ``resume`` and cal
 
 from __future__ import annotations
 
+import os
 from copy import copy
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,17 @@ from .cfg import FEWSHOT_CFG, PLUGIN_DEFAULTS, parse_shots
 from .val import FewShotValidator
 
 
+class AtomicPath(type(Path())):
+    """A path whose ``write_bytes`` writes a temporary file and renames it over the target: Ultralytics writes
+    checkpoints with ``last.write_bytes(...)``, and a kill mid-write must not leave a truncated ``last.pt``."""
+
+    def write_bytes(self, data) -> int:
+        tmp = self.with_name(f".{self.name}.{os.getpid()}.tmp")
+        n = Path(tmp).write_bytes(data)
+        os.replace(tmp, self)
+        return n
+
+
 def cache_dir(args: Any, data: dict) -> Path:
     """Embedding cache location: ``fewshot_cache=`` or ``<dataset root>/.yolo_fewshot_cache``."""
     return Path(args.fewshot_cache or Path(data.get("path") or Path(data["train"]).parent) / ".yolo_fewshot_cache")
@@ -45,6 +57,7 @@ class FewShotTrainer(DetectionTrainer):
         # Ultralytics' DDP launcher rebuilds the trainer with its plain default config as `cfg`: add our keys back
         cfg = {**PLUGIN_DEFAULTS, **cfg2dict(cfg)}
         super().__init__(cfg, overrides, _callbacks)
+        self.wdir, self.last, self.best = (AtomicPath(p) for p in (self.wdir, self.last, self.best))
         self.split = FewShotSplit.from_data(self.data)
         if self.args.finetune:
             self._setup_finetune()
