@@ -349,3 +349,47 @@ def test_cli_train_and_val_with_plugin_keys(dataset, tmp_path, capsys):
     assert entrypoint(["val", f"model={tmp_path / 'plain.pt'}", *common]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("yolo-fewshot: error:") and "plain Ultralytics model" in err and "\n" not in err
+
+
+# -- trainable support encoder (QAViT, seed 004) ----
+def test_qavit_trains_jointly_with_the_detector(dataset, tmp_path):
+    model = FewShotYOLO("yolov8n-psalm.yaml", encoder="qavit-tiny")
+    assert model.model.support_encoder.trainable and model.model.proto_dims == [256, 256, 256]
+    start = {}
+    model.add_callback(
+        "on_train_start",
+        lambda tr: start.setdefault("w", unwrap(tr.model).support_encoder.net.patch.weight.detach().clone()),
+    )
+    model.train(data=str(dataset), project=str(tmp_path), name="q", **{**TRAIN, "n_way": 1, "k_max": 1, "shots": "1"})
+    ckpt = torch.load(tmp_path / "q" / "weights" / "last.pt", weights_only=False)
+    trained_w = ckpt["model"].support_encoder.net.patch.weight.float()
+    assert not torch.allclose(trained_w, start["w"].float())  # the prototypes' gradients reached the encoder
+    reloaded = FewShotYOLO(tmp_path / "q" / "weights" / "last.pt")
+    assert reloaded.encoder is reloaded.model.support_encoder  # its own, trained encoder builds the banks
+    from skimage import data
+
+    bank = reloaded.set_references({"cat": [data.chelsea()]})
+    assert bank.spec.name == "qavit-tiny" and bank.spec.dims == (256,) * 4
+    from yolo_fewshot.engine.val import FewShotValidator
+
+    v = FewShotValidator(
+        args=dict(
+            data=str(dataset),
+            imgsz=64,
+            batch=4,
+            workers=0,
+            device="cpu",
+            plots=False,
+            shots="1",
+            project=str(tmp_path),
+            name="qv",
+        )
+    )
+    v(model=reloaded.model)  # standalone: the support crops are encoded by the checkpoint's own encoder
+    assert v.results and v.table.crops is not None and v.table.embeddings[0][0].shape == (1, 2, 256)
+
+
+def unwrap(m):
+    from ultralytics.utils.torch_utils import unwrap_model
+
+    return unwrap_model(m)

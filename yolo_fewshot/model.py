@@ -93,10 +93,13 @@ class FewShotYOLO(Model):
 
     @property
     def encoder(self) -> SupportEncoder:
-        """The frozen support encoder, built on first use from :attr:`encoder_name`; never part of the checkpoint."""
-        if self.__dict__.get("_encoder") is None:
-            self.__dict__["_encoder"] = build_encoder(self.encoder_name)
-        enc = self.__dict__["_encoder"]
+        """The support encoder: a trainable one is the model's own submodule; a frozen one is built on first use from
+        :attr:`encoder_name` and never becomes part of the checkpoint."""
+        enc = getattr(self.model, "support_encoder", None)  # trainable encoders are part of the model
+        if enc is None:
+            if self.__dict__.get("_encoder") is None:
+                self.__dict__["_encoder"] = build_encoder(self.encoder_name)
+            enc = self.__dict__["_encoder"]
         dims = list(enc.spec.dims[-len(self.model.proto_dims) :])
         if dims != list(self.model.proto_dims):
             raise ValueError(

@@ -21,11 +21,14 @@ from ..references.aggregate import aggregate
 
 @dataclass
 class InstanceTable:
-    """All instances of a split: their image, class, and cached per-level embeddings ``[views, M, D_l]``."""
+    """All instances of a split: their image, class, and either cached per-level embeddings ``[views, M, D_l]`` (frozen
+    encoder) or the crops themselves (``crops [N, views, 3, S, S]`` uint8, ``masks`` likewise; trainable encoder)."""
 
     image: list[str]
     cls: list[int]
-    embeddings: list[list[Tensor]]
+    embeddings: list[list[Tensor]] | None = None
+    crops: Tensor | None = None
+    masks: Tensor | None = None
 
     def __post_init__(self) -> None:
         self.by_class: dict[int, list[int]] = defaultdict(list)
@@ -36,14 +39,48 @@ class InstanceTable:
     def levels(self) -> int:
         return len(self.embeddings[0]) if self.embeddings else 0
 
+    @property
+    def n_views(self) -> int:
+        return int(self.crops.shape[1]) if self.crops is not None else int(self.embeddings[0][0].shape[0])
+
+    def subset(self, idx: Sequence[int]) -> InstanceTable:
+        """The instances at ``idx``."""
+        return InstanceTable(
+            [self.image[i] for i in idx],
+            [self.cls[i] for i in idx],
+            None if self.embeddings is None else [self.embeddings[i] for i in idx],
+            None if self.crops is None else self.crops[list(idx)],
+            None if self.masks is None else self.masks[list(idx)],
+        )
+
+    def crop_batch(self, pairs: Sequence[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+        """Float crops ``[U, 3, S, S]`` and masks ``[U, 1, S, S]`` of (instance, view) pairs."""
+        i = torch.tensor([p[0] for p in pairs])
+        v = torch.tensor([p[1] for p in pairs])
+        return self.crops[i, v].float() / 255, self.masks[i, v].float() / 255
+
+    @torch.no_grad()
+    def encoded(self, encoder, views: int = 1) -> InstanceTable:
+        """This table with embeddings of its crops' first ``views`` views by ``encoder`` (e.g. the current weights of
+        a trainable encoder, for validation)."""
+        pairs = [(j, v) for j in range(len(self.cls)) for v in range(views)]
+        crops, masks = self.crop_batch(pairs)
+        was = encoder.training
+        encoder.eval()
+        levels = encoder.encode(crops, masks)
+        encoder.train(was)
+        emb = [[lv[j * views : (j + 1) * views] for lv in levels] for j in range(len(self.cls))]
+        return InstanceTable(self.image, self.cls, emb, self.crops, self.masks)
+
     def candidates(self, c: int, exclude_image: str | None) -> list[int]:
         """Instances of class ``c`` outside ``exclude_image``."""
         return [j for j in self.by_class.get(c, []) if self.image[j] != exclude_image]
 
-    def prototype(self, idx: Sequence[int], rng: np.random.Generator | None, method: str = "mean") -> list[Tensor]:
-        """Aggregate the given instances (a random view each when ``rng`` is given, else view 0) -> per level [M, D]."""
+    def prototype(self, idx: Sequence[int], views: Sequence[int] | None = None, method: str = "mean") -> list[Tensor]:
+        """Aggregate the cached embeddings of instances ``idx`` (``views``: one view each, default 0) -> per level
+        ``[M, D]``."""
         out = []
-        views = [int(rng.integers(self.embeddings[j][0].shape[0])) if rng is not None else 0 for j in idx]
+        views = [0] * len(idx) if views is None else views
         for lv in range(self.levels):
             emb = torch.stack([self.embeddings[j][lv][v] for j, v in zip(idx, views)])  # [K, M, D]
             out.append(aggregate(emb, method))
@@ -84,7 +121,7 @@ class EpisodeSampler:
     def _similarity(self) -> dict[int, list[int]]:
         """For each class, the other classes ordered from most to least similar (cosine of embedding centroids)."""
         cls = [c for c in self.classes if self.table.by_class.get(c)]
-        if len(cls) < 2:
+        if len(cls) < 2 or not self.table.embeddings:  # no cached embeddings (trainable encoder): random negatives
             return {c: [] for c in cls}
         cent = torch.stack(
             [
@@ -101,44 +138,57 @@ class EpisodeSampler:
         sim = cent @ cent.T
         return {c: [cls[j] for j in sim[i].argsort(descending=True).tolist() if j != i] for i, c in enumerate(cls)}
 
-    def sample(self, images: Sequence[str], present: Sequence[Sequence[int]]) -> tuple[list[Tensor], list[list[int]]]:
-        """One episode per image.
-
-        Args:
-            images: The batch's image files.
-            present: The class ids labelled in each image.
+    def sample_refs(
+        self, images: Sequence[str], present: Sequence[Sequence[int]]
+    ) -> tuple[list[list[tuple[list[int], list[int]] | None]], list[list[int]]]:
+        """Choose the episode of each image: its class slots and, per slot, the reference instances and their views.
 
         Returns:
-            Per-level prototypes ``[B, n_way, M, D_l]`` (slots without a class are zero and unlabelled) and, per
-            image, the class id of each slot (-1: empty).
+            ``refs[b][s]`` = (instance indices, view indices) or None for an empty slot, and ``slots[b][s]`` = class id
+            (-1: empty).
         """
-        protos = [[] for _ in range(self.table.levels)]
-        slots_all = []
+        refs_all, slots_all = [], []
         for im, pres in zip(images, present):
             usable = [c for c in dict.fromkeys(int(c) for c in pres) if self.table.candidates(c, im)]
             self.rng.shuffle(usable)
             slots = usable[: self.n_way]
             absent = [c for c in self.classes if c not in set(pres) and self.table.candidates(c, im)]
             while absent and len(slots) < self.n_way:
-                hard = [c for p in slots for c in self.similar.get(p, [])[:1] if c in absent]
-                pick = (
-                    hard[0] if hard and self.rng.random() < self.hard else absent[int(self.rng.integers(len(absent)))]
-                )
+                # the absent class nearest to a present one (look-alike), else a random absent class
+                hard = [next((c for c in self.similar.get(p, []) if c in absent), None) for p in slots if p >= 0]
+                hard = [c for c in hard if c is not None]
+                if hard and self.rng.random() < self.hard:
+                    pick = hard[int(self.rng.integers(len(hard)))]
+                else:
+                    pick = absent[int(self.rng.integers(len(absent)))]
                 slots.append(pick)
                 absent.remove(pick)
             slots = [int(c) for c in slots] + [-1] * (self.n_way - len(slots))
+            refs = []
             for c in slots:
                 if c < 0:
-                    p = [torch.zeros_like(lv_emb[0]) for lv_emb in self.table.embeddings[0]]
-                else:
-                    cand = self.table.candidates(c, im)
-                    k = int(self.rng.integers(1, min(self.k_max, len(cand)) + 1))
-                    p = self.table.prototype(self.rng.choice(cand, k, replace=False), self.rng)
-                for lv in range(self.table.levels):
-                    protos[lv].append(p[lv])
+                    refs.append(None)
+                    continue
+                cand = self.table.candidates(c, im)
+                k = int(self.rng.integers(1, min(self.k_max, len(cand)) + 1))
+                idx = [int(j) for j in self.rng.choice(cand, k, replace=False)]
+                refs.append((idx, [int(self.rng.integers(self.table.n_views)) for _ in idx]))
+            refs_all.append(refs)
             slots_all.append(slots)
-        b = len(images)
-        return [torch.stack(p).view(b, self.n_way, *p[0].shape) for p in protos], slots_all
+        return refs_all, slots_all
+
+    def sample(self, images: Sequence[str], present: Sequence[Sequence[int]]) -> tuple[list[Tensor], list[list[int]]]:
+        """One episode per image, with prototypes from the cached embeddings.
+
+        Returns:
+            Per-level prototypes ``[B, n_way, M, D_l]`` (empty slots are zero and unlabelled) and the slots' class ids.
+        """
+        refs, slots = self.sample_refs(images, present)
+        zero = [torch.zeros_like(lv[0]) for lv in self.table.embeddings[0]]
+        protos = [[self.table.prototype(*r) if r is not None else zero for r in img] for img in refs]
+        return [
+            torch.stack([torch.stack([p[lv] for p in img]) for img in protos]) for lv in range(self.table.levels)
+        ], slots
 
 
 def remap_labels(batch_idx: Tensor, cls: Tensor, slots: list[list[int]]) -> tuple[Tensor, Tensor]:

@@ -1,12 +1,15 @@
-"""The instance table of a split: every labelled box of the chosen classes, with its cached embeddings."""
+"""The instance table of a split: every labelled box of the chosen classes, with its cached embeddings (frozen
+encoder) or its crops (trainable encoder, which encodes them every step)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from ..encoders.base import SupportEncoder
-from ..references.cache import EmbeddingCache
+from ..references.cache import EmbeddingCache, view_crops
 from .episodes import InstanceTable
 
 
@@ -22,24 +25,9 @@ def label_shape(label: dict) -> tuple[int, int]:
     return int(h), int(w)
 
 
-def instance_table(
-    labels: Sequence[dict],
-    classes: Sequence[int],
-    encoder: SupportEncoder,
-    cache_dir: str | Path,
-    views: int = 2,
-    min_side: float = 2.0,
-) -> InstanceTable:
-    """Embed every box of ``classes`` in Ultralytics dataset ``labels`` (through the on-disk cache).
-
-    Args:
-        labels: ``dataset.labels`` entries (``im_file``, ``shape`` (h, w), ``cls`` [n, 1], ``bboxes`` normalised xywh).
-        classes: Class ids to include.
-        encoder: Frozen support encoder.
-        cache_dir: Embedding cache directory.
-        views: Augmented views per instance.
-        min_side: Boxes smaller than this (pixels) are skipped: nothing to encode.
-    """
+def _instances(labels: Sequence[dict], classes: Sequence[int], min_side: float) -> tuple[list, list, list]:
+    """``(image, box xyxy px)`` items, their images and classes, for every box of ``classes`` in Ultralytics dataset
+    ``labels`` (``im_file``, ``cls`` [n, 1], ``bboxes`` normalised xywh); boxes under ``min_side`` px are skipped."""
     keep = {int(c) for c in classes}
     items, image, cls = [], [], []
     for lb in labels:
@@ -56,5 +44,31 @@ def instance_table(
             items.append((lb["im_file"], box))
             image.append(lb["im_file"])
             cls.append(int(c))
+    return items, image, cls
+
+
+def instance_table(
+    labels: Sequence[dict],
+    classes: Sequence[int],
+    encoder: SupportEncoder,
+    cache_dir: str | Path,
+    views: int = 2,
+    min_side: float = 2.0,
+) -> InstanceTable:
+    """Embed every box of ``classes`` once, through the on-disk cache (frozen encoder)."""
+    items, image, cls = _instances(labels, classes, min_side)
     emb = EmbeddingCache(cache_dir, encoder, views).embed(items) if items else []
     return InstanceTable(image, cls, emb)
+
+
+def crop_table(
+    labels: Sequence[dict], classes: Sequence[int], size: int, views: int = 2, min_side: float = 2.0
+) -> InstanceTable:
+    """Keep every box's view crops in memory as uint8 (trainable encoder: encoded every step, nothing to cache)."""
+    items, image, cls = _instances(labels, classes, min_side)
+    crops = torch.zeros(len(items), views, 3, size, size, dtype=torch.uint8)
+    masks = torch.zeros(len(items), views, 1, size, size, dtype=torch.uint8)
+    for j, (p, b) in enumerate(items):
+        c, m = view_crops(p, b, size, views)
+        crops[j], masks[j] = (c * 255).round().to(torch.uint8), (m * 255).round().to(torch.uint8)
+    return InstanceTable(image, cls, None, crops, masks)

@@ -12,6 +12,14 @@ from .base import EncoderSpec, SupportEncoder
 NAMES = ("efficientnet-lite0", "efficientnet-lite2", "hf:<hub id or local dir>[@revision]", "qavit-tiny", "qavit-small")
 
 
+TRAINABLE = ("qavit-tiny", "qavit-small")  # no pretrained weights: trained jointly with the detector
+
+
+def is_trainable(name: str | None) -> bool:
+    """Whether encoder ``name`` is trained with the detector (and so lives inside it)."""
+    return name in TRAINABLE
+
+
 def build_encoder(name: str) -> SupportEncoder:
     """Build the support encoder called ``name`` (frozen, eval mode)."""
     from .efficientnet_lite import PACKAGES, EfficientNetLiteEncoder
@@ -46,4 +54,12 @@ def configure_model_yaml(cfg: dict, name: str) -> SupportEncoder:
     return enc
 
 
-__all__ = ["NAMES", "EncoderSpec", "SupportEncoder", "build_encoder", "configure_model_yaml"]
+__all__ = [
+    "NAMES",
+    "TRAINABLE",
+    "EncoderSpec",
+    "SupportEncoder",
+    "build_encoder",
+    "configure_model_yaml",
+    "is_trainable",
+]

@@ -52,9 +52,11 @@ class EncoderSpec:
 
 
 class SupportEncoder(nn.Module):
-    """Base class of the support encoders (frozen by default; never part of a detector checkpoint)."""
+    """Base class of the support encoders. Frozen (pretrained) ones live outside the detector and are never part of a
+    checkpoint; ``trainable`` ones (no pretrained weights) become a detector submodule, learned and saved with it."""
 
     spec: EncoderSpec
+    trainable: bool = False
 
     def forward(self, crops: Tensor, masks: Tensor | None = None) -> list[Tensor]:
         """``[K, 3, S, S]`` crops in [0, 1] (+ ``[K, 1, S, S]`` masks) -> per level ``[K, M, D_l]``."""

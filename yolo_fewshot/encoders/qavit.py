@@ -214,6 +214,8 @@ class QAViTEncoder(SupportEncoder):
         cfg: A custom architecture instead of the named one (tests use tiny ones).
     """
 
+    trainable = True
+
     def __init__(self, name: str = "qavit-tiny", cfg: QAViTConfig | None = None) -> None:
         super().__init__()
         if cfg is None and name not in CONFIGS:

@@ -13,6 +13,7 @@ from copy import copy
 from pathlib import Path
 from typing import Any
 
+import torch
 from ultralytics.cfg import cfg2dict
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import LOGGER, RANK
@@ -22,7 +23,7 @@ from ..configs import load_model_yaml
 from ..data.episodes import EpisodeSampler, remap_labels
 from ..data.kshot import kshot_images, list_images, write_kshot_list
 from ..data.split import FewShotSplit
-from ..data.support import instance_table
+from ..data.support import crop_table, instance_table
 from ..encoders import build_encoder, configure_model_yaml
 from ..nn.detector import FewShotDetectionModel
 from .cfg import FEWSHOT_CFG, PLUGIN_DEFAULTS, parse_shots
@@ -101,6 +102,10 @@ class FewShotTrainer(DetectionTrainer):
 
     @property
     def encoder(self):
+        """The model's trainable encoder, or the frozen one its YAML names (built once, outside the model)."""
+        joint = getattr(unwrap_model(self.model), "support_encoder", None)
+        if joint is not None:
+            return joint
         if self._encoder is None:
             self._encoder = build_encoder(self.args.encoder or self.model.yaml["encoder"])
         return self._encoder
@@ -115,9 +120,12 @@ class FewShotTrainer(DetectionTrainer):
         return ds
 
     def _table(self, labels, classes):
+        n = sum(len(lb["cls"]) for lb in labels)
+        if self.encoder.trainable:  # encoded every step with the current weights: keep crops, not embeddings
+            LOGGER.info(f"few-shot: cropping {n} boxes for the trainable encoder {self.encoder.spec.name}")
+            return crop_table(labels, classes, self.encoder.spec.input_size, self.args.views)
         LOGGER.info(
-            f"few-shot: embedding {sum(len(lb['cls']) for lb in labels)} boxes with {self.encoder.spec.name} "
-            f"(cached in {cache_dir(self.args, self.data)})"
+            f"few-shot: embedding {n} boxes with {self.encoder.spec.name} (cached in {cache_dir(self.args, self.data)})"
         )
         return instance_table(labels, classes, self.encoder, cache_dir(self.args, self.data), self.args.views)
 
@@ -130,12 +138,7 @@ class FewShotTrainer(DetectionTrainer):
                     self.args, self.data[self.split.support], self.args.batch, self.data, mode="val", stride=32
                 )
                 self.support = self._table(ds.labels, list(self.split.names))
-            base = [i for i, c in enumerate(self.support.cls) if c in set(self.trained_classes)]
-            table = type(self.support)(
-                [self.support.image[i] for i in base],
-                [self.support.cls[i] for i in base],
-                [self.support.embeddings[i] for i in base],
-            )
+            table = self.support.subset([i for i, c in enumerate(self.support.cls) if c in set(self.trained_classes)])
             missing = [self.split.names[c] for c in self.trained_classes if not table.by_class.get(c)]
             if missing:
                 LOGGER.warning(f"few-shot: base classes {missing} have no usable instance; they are never asked about")
@@ -150,12 +153,36 @@ class FewShotTrainer(DetectionTrainer):
         sampler = self._sampler()
         b = batch["img"].shape[0]
         present = [batch["cls"][batch["batch_idx"] == i].view(-1).long().tolist() for i in range(b)]
-        protos, slots = sampler.sample(list(batch["im_file"]), present)
+        if self.encoder.trainable:
+            refs, slots = sampler.sample_refs(list(batch["im_file"]), present)
+            protos = self._encode_refs(sampler.table, refs)
+        else:
+            protos, slots = sampler.sample(list(batch["im_file"]), present)
         keep, new_cls = remap_labels(batch["batch_idx"], batch["cls"], slots)
         batch["cls"], batch["bboxes"], batch["batch_idx"] = new_cls, batch["bboxes"][keep], batch["batch_idx"][keep]
         levels = len(unwrap_model(self.model).proto_dims)  # a P3–P5 model fuses the encoder's last three levels
         batch["protos"] = [p.to(self.device, batch["img"].dtype) for p in protos[-levels:]]
         return batch
+
+    def _encode_refs(self, table, refs) -> list:
+        """Prototypes from the trainable encoder, with gradients: each distinct (instance, view) of the batch's
+        episodes is encoded once, then averaged per slot exactly as ``aggregate(mean)`` does at inference."""
+        pairs = list(dict.fromkeys((j, v) for img in refs for r in img if r is not None for j, v in zip(*r)))
+        crops, masks = table.crop_batch(pairs)
+        levels = self.encoder(crops.to(self.device), masks.to(self.device))  # per level [U, M, D]
+        row = {p: i for i, p in enumerate(pairs)}
+        out = []
+        for lv in levels:
+            zero = lv.new_zeros(lv.shape[1:])
+            out.append(
+                torch.stack(
+                    [
+                        torch.stack([lv[[row[p] for p in zip(*r)]].mean(0) if r is not None else zero for r in img])
+                        for img in refs
+                    ]
+                )
+            )
+        return out
 
     # -- validation ------------------------------------------------------------------------------------------------
     def get_validator(self) -> FewShotValidator:

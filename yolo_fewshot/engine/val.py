@@ -67,23 +67,28 @@ class FewShotValidator(DetectionValidator):
         names = dict(self.split.names)
         fs.names = model.names = names
         super().init_metrics(model)
-        if self.table is None:
-            self.table = self._support() if self._support is not None else None
-            if self.table is None:
-                self.table = self._build_table()
+        joint = getattr(fs, "support_encoder", None)
+        if self.table is None or joint is not None:  # a trainable encoder changes: re-encode the support every time
+            source = self._support() if self._support is not None else None
+            if source is None:
+                source = self._source = getattr(self, "_source", None) or self._build_table(joint)
+            self.table = source.encoded(joint) if joint is not None else source
         self._prepare_draw()
 
-    def _build_table(self) -> InstanceTable:
+    def _build_table(self, joint=None) -> InstanceTable:
+        """The support split's instances: cached embeddings (frozen encoder) or crops (trainable encoder)."""
         from ultralytics.data import build_yolo_dataset
 
-        from ..data.support import instance_table
+        from ..data.support import crop_table, instance_table
         from ..encoders import build_encoder
         from .train import cache_dir
 
-        encoder = build_encoder(self.args.encoder or self.fs_model.yaml["encoder"])
         ds = build_yolo_dataset(
             self.args, self.data[self.split.support], self.args.batch, self.data, mode="val", stride=32
         )
+        if joint is not None:
+            return crop_table(ds.labels, list(self.split.names), joint.spec.input_size, 1)
+        encoder = build_encoder(self.args.encoder or self.fs_model.yaml["encoder"])
         return instance_table(
             ds.labels, list(self.split.names), encoder, cache_dir(self.args, self.data), self.args.views
         )

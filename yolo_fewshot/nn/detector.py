@@ -6,7 +6,8 @@ afterwards, so callers — Ultralytics' trainer, validator, predictor, Exporter,
 model with the image alone. Without prototypes the model runs in bypass mode: one class-agnostic score ("object").
 
 Prototypes follow the model across ``.to()/.half()/.float()`` and are pickled with it (a checkpoint remembers the last
-references it was given); they are not part of ``state_dict`` (they are inputs, not weights).
+references it was given); they are not part of ``state_dict`` (they are inputs, not weights). A trainable support
+encoder (QAViT) is the ``support_encoder`` submodule, learned and saved with the detector; frozen encoders never are.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import Tensor
 from ultralytics.nn.tasks import DetectionModel
 
 from ..configs import load_model_yaml
+from ..encoders import build_encoder, is_trainable
 from .loss import EpisodicDetectionLoss
 from .prototypes import PrototypeConsumer, as_prototypes
 
@@ -49,6 +51,8 @@ class FewShotDetectionModel(DetectionModel):
             )
         self.proto_dims: list[int] = necks[0].proto_dims
         self.names = dict(BYPASS_NAMES)
+        if is_trainable(self.yaml.get("encoder")):  # learned with the detector, so saved with it (no frozen weights)
+            self.support_encoder = build_encoder(self.yaml["encoder"])
 
     # -- state ---------------------------------------------------------------------------------------------------------
     @property

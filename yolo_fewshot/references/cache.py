@@ -26,6 +26,16 @@ from .crops import file_digest, make_crop
 VIEWS = ((False, 0.1), (True, 0.1), (False, 0.3), (True, 0.3))  # (horizontal flip, context)
 
 
+def view_crops(src, box, size: int, views: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``views`` of :data:`VIEWS` of one instance: crops ``[V, 3, S, S]`` and masks ``[V, 1, S, S]``."""
+    crops, masks = [], []
+    for flip, ctx in VIEWS[:views]:
+        c, m = make_crop(src, box, size, ctx)
+        crops.append(c.flip(-1) if flip else c)
+        masks.append(m.flip(-1) if flip else m)
+    return torch.stack(crops), torch.stack(masks)
+
+
 def _box_key(box) -> str:
     return "full" if box is None else "_".join(f"{float(v):.1f}" for v in box)
 
@@ -71,13 +81,10 @@ class EmbeddingCache:
         ]
         for i in range(0, len(todo), batch):
             chunk = todo[i : i + batch]
-            crops, masks = [], []
-            for p, b in chunk:
-                for flip, ctx in VIEWS[: self.views]:
-                    c, m = make_crop(p, b, self.encoder.spec.input_size, ctx)
-                    crops.append(c.flip(-1) if flip else c)
-                    masks.append(m.flip(-1) if flip else m)
-            levels = self.encoder.encode(torch.stack(crops), torch.stack(masks), batch=batch)
+            views = [view_crops(p, b, self.encoder.spec.input_size, self.views) for p, b in chunk]
+            levels = self.encoder.encode(
+                torch.cat([c for c, _ in views]), torch.cat([m for _, m in views]), batch=batch
+            )
             for j, (p, b) in enumerate(chunk):
                 for lv, e in enumerate(levels):
                     loaded[p][f"{_box_key(b)}.l{lv}"] = e[j * self.views : (j + 1) * self.views].contiguous()
