@@ -253,8 +253,10 @@ def test_pycocotools_scores_ground_truth_as_perfect():
 
 
 def test_val_save_json_writes_coco_files_and_scores_them(trained, dataset, tmp_path):
+    from yolo_fewshot.engine.val import FewShotValidator
+
     model, _ = trained
-    model.val(
+    args = dict(
         data=str(dataset),
         imgsz=64,
         batch=4,
@@ -266,9 +268,15 @@ def test_val_save_json_writes_coco_files_and_scores_them(trained, dataset, tmp_p
         seeds=2,
         project=str(tmp_path),
         name="v",
-        verbose=False,
     )
-    run = tmp_path / "v"
+    v = FewShotValidator(args=args)
+    v(model=model.model)
+    assert [(r["shots"], r["seed"]) for r in v.results] == [(2, 0), (2, 1)]
+    for r in v.results:
+        assert {"coco_all_mAP50", "coco_base_mAP50", "coco_novel_mAP50-95"} <= set(r)
+        assert all(0 <= r[k] <= 1 for k in r if k.startswith("coco_") and not np.isnan(r[k]))
+    assert model.model.prototypes is None and model.model.names == {0: "object"}  # validation left no state behind
+    run = v.save_dir
     gt = json.loads((run / "annotations.json").read_text())
     preds = json.loads((run / "predictions.json").read_text())
     assert len(gt["images"]) == 8 and {c["name"] for c in gt["categories"]} == {"cup", "cat", "face", "rocket"}

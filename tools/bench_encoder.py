@@ -32,27 +32,16 @@ BACKENDS = ("efficientnet-lite0", "efficientnet-lite2", "dinov2-small", "dinov3-
 def _dino(tmp: Path, kind: str) -> str:
     import transformers
 
-    if kind == "dinov2-small":
-        cfg = transformers.Dinov2Config(
-            hidden_size=384,
-            num_hidden_layers=12,
-            num_attention_heads=6,
-            intermediate_size=1536,
-            patch_size=14,
-            image_size=518,
-        )
-        model = transformers.Dinov2Model(cfg)
-    else:
-        cfg = transformers.DINOv3ViTConfig(
-            hidden_size=384,
-            num_hidden_layers=12,
-            num_attention_heads=6,
-            intermediate_size=1536,
-            patch_size=16,
-            image_size=224,
-            num_register_tokens=4,
-        )
-        model = transformers.DINOv3ViTModel(cfg)
+    vit_small = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536)
+    config, model_cls, extra = {
+        "dinov2-small": ("Dinov2Config", "Dinov2Model", dict(patch_size=14, image_size=518)),
+        "dinov3-vits16": (
+            "DINOv3ViTConfig",
+            "DINOv3ViTModel",
+            dict(patch_size=16, image_size=224, num_register_tokens=4),
+        ),
+    }[kind]
+    model = getattr(transformers, model_cls)(getattr(transformers, config)(**vit_small, **extra))
     path = tmp / kind
     model.save_pretrained(path)
     return f"hf:{path}"
