@@ -72,6 +72,10 @@ def run(mode: str, overrides: dict[str, Any]) -> Any:
 
     model = FewShotYOLO(overrides.pop("model", "yolov8n-psalm-p2.yaml"), encoder=overrides.pop("encoder", None))
     refs = overrides.pop("refs", None)
+    if mode in ("predict", "track", "export") and refs is None and getattr(model.model, "prototypes", 0) is None:
+        raise UsageError(
+            "this model has no references to look for; add refs=<folder of <class>/ photos or bank.safetensors>"
+        )
     if refs is not None:
         bank = model.set_references(str(refs))
         print(

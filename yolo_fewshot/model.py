@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -85,6 +88,42 @@ class FewShotYOLO(Model):
         kwargs.setdefault("encoder", self.encoder_name)
         return super().train(trainer, **kwargs)
 
+    def predict(self, source=None, stream: bool = False, predictor=None, refs: Any = None, **kwargs: Any):
+        """Ultralytics' predict on the model's references, or on ``refs`` (photos, folder or bank) set first."""
+        self._use_refs(refs)
+        return super().predict(source, stream, predictor, **kwargs)
+
+    def track(self, source=None, stream: bool = False, persist: bool = False, refs: Any = None, **kwargs: Any):
+        """Ultralytics' track (its trackers give temporal consistency); references are encoded once, not per frame."""
+        self._use_refs(refs)
+        return super().track(source, stream, persist, **kwargs)
+
+    def export(self, refs: Any = None, **kwargs: Any) -> str:
+        """Ultralytics' export with the references baked in as constants (a single-input graph, any format the
+        Exporter supports); class names and the encoder spec go into the ONNX metadata."""
+        self._use_refs(refs)
+        f = super().export(**kwargs)
+        if str(f).endswith(".onnx"):
+            add_onnx_metadata(
+                f,
+                {
+                    "yolo_fewshot_encoder": json.dumps(
+                        self.model.yaml.get("encoder_spec") or {"name": self.encoder_name}
+                    ),
+                    "yolo_fewshot_references": json.dumps(list(self.model.names.values())),
+                },
+            )
+        return f
+
+    def _use_refs(self, refs: Any) -> None:
+        if refs is not None:
+            self.set_references(refs)
+        elif isinstance(self.model, FewShotDetectionModel) and self.model.prototypes is None:
+            raise ValueError(
+                "this model has no references to look for; pass refs= (photos, a <class>/ folder or a "
+                ".safetensors bank) or call set_references() first"
+            )
+
     # -- references ----------------------------------------------------------------------------------------------------
     @property
     def encoder_name(self) -> str:
@@ -140,3 +179,17 @@ class FewShotYOLO(Model):
         self.__dict__["references"] = None  # prototypes set by hand have no bank
         self.predictor = None  # a cached predictor holds the old class names
         return self
+
+
+def add_onnx_metadata(path: str | Path, items: dict[str, str]) -> None:
+    """Add metadata entries to an ONNX file in place (atomically)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for k, v in items.items():
+        entry = next((p for p in model.metadata_props if p.key == k), None) or model.metadata_props.add()
+        entry.key, entry.value = k, v
+    fd, tmp = tempfile.mkstemp(prefix=".meta.", suffix=".onnx", dir=Path(path).parent)
+    os.close(fd)
+    onnx.save(model, tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,124 @@
+"""Reference-image predict/track and the baked export (references as constants) through Ultralytics' own engine."""
+
+import json
+
+import cv2
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from skimage import data
+from ultralytics import YOLO
+from ultralytics.utils.nms import non_max_suppression
+
+from yolo_fewshot import FewShotYOLO
+from yolo_fewshot.cli import entrypoint
+
+REFS = {"cat": [data.chelsea()], "cup": [data.coffee()], "face": [(data.astronaut(), [140, 20, 330, 200])]}
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    d = tmp_path_factory.mktemp("scene")
+    img = cv2.resize(data.astronaut(), (160, 128))
+    cv2.imwrite(str(d / "scene.jpg"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    for name, photos in (("cat", [data.chelsea()]), ("cup", [data.coffee()])):
+        (d / "refs" / name).mkdir(parents=True)
+        cv2.imwrite(str(d / "refs" / name / "1.jpg"), cv2.cvtColor(photos[0], cv2.COLOR_RGB2BGR))
+    return d
+
+
+@pytest.fixture(scope="module")
+def model():
+    return FewShotYOLO("yolov8n-psalm-p2.yaml", encoder="efficientnet-lite0")
+
+
+def test_predict_with_refs_gives_ultralytics_results(model, scene):
+    res = model.predict(str(scene / "scene.jpg"), refs=REFS, conf=0.0, imgsz=64, verbose=False)
+    assert res[0].names == {0: "cat", 1: "cup", 2: "face"} and len(res[0].boxes) > 0
+    assert set(res[0].boxes.cls.int().tolist()) <= {0, 1, 2}
+    again = model.predict(str(scene / "scene.jpg"), conf=0.0, imgsz=64, verbose=False)  # stored references
+    assert again[0].names == res[0].names
+
+
+def test_predict_without_references_is_a_clear_error(scene):
+    with pytest.raises(ValueError, match="no references to look for; pass refs="):
+        FewShotYOLO("yolov8n-psalm.yaml", encoder="efficientnet-lite0").predict(str(scene / "scene.jpg"))
+
+
+def test_cli_predict_with_refs_folder(scene, tmp_path, capsys):
+    common = [f"source={scene / 'scene.jpg'}", "imgsz=64", "conf=0.0", f"project={tmp_path}", "name=p", "save=True"]
+    assert (
+        entrypoint(
+            ["predict", "model=yolov8n-psalm.yaml", "encoder=efficientnet-lite0", f"refs={scene / 'refs'}", *common]
+        )
+        == 0
+    )
+    assert "references: 2 classes ['cat', 'cup']" in capsys.readouterr().out
+    assert list((tmp_path / "p").glob("scene.*"))  # Ultralytics saved the annotated image
+    assert entrypoint(["predict", "model=yolov8n-psalm.yaml", "encoder=efficientnet-lite0", *common]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no references to look for" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_baked_onnx_export_matches_torch(model, tmp_path, n, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a model built from a YAML exports next to the working directory
+    model.set_references(dict(list(REFS.items())[:n]))
+    model.model.eval()
+    f = model.export(format="onnx", imgsz=64, simplify=False)
+    proto = onnx.load(f)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert [i.name for i in proto.graph.input] == ["images"]  # a single input: the references are constants
+    assert json.loads(meta["yolo_fewshot_encoder"])["name"] == "efficientnet-lite0"
+    assert json.loads(meta["yolo_fewshot_references"]) == list(REFS)[:n]
+    x = torch.rand(2, 3, 64, 64)
+    ref_model = FewShotYOLO("yolov8n-psalm-p2.yaml", encoder="efficientnet-lite0")  # same weights, unfused
+    ref_model.model.load_state_dict(model.model.state_dict())
+    ref_model.model.set_prototypes(model.model.prototypes, list(model.model.names.values()))
+    with torch.no_grad():
+        yt = ref_model.model.eval()(x)[0]
+    sess = ort.InferenceSession(f, providers=["CPUExecutionProvider"])
+    yo = np.concatenate([sess.run(None, {"images": x[i : i + 1].numpy()})[0] for i in range(2)])  # batch-1 graph
+    np.testing.assert_allclose(yo, yt.numpy(), atol=1e-4, rtol=1e-4)
+    # an untrained model's scores crowd together: put the threshold in the widest gap between neighbouring scores, so
+    # that agreement within 1e-4 must give the same detections
+    top = yt[:, 4:].max(1).values.flatten().sort().values[-60:]
+    gap = int((top[1:] - top[:-1]).argmax())
+    thr = float(top[gap] + top[gap + 1]) / 2
+    assert float(top[gap + 1] - top[gap]) > 2e-4
+    dt = non_max_suppression(yt, conf_thres=thr, iou_thres=0.7)
+    do = non_max_suppression(torch.from_numpy(yo), conf_thres=thr, iou_thres=0.7)
+    assert sum(len(d) for d in dt) > 0
+    for a, b in zip(dt, do):
+        assert a.shape == b.shape and torch.equal(a[:, 5], b[:, 5]) and torch.allclose(a[:, :5], b[:, :5], atol=1e-3)
+
+
+def test_exported_onnx_predicts_in_ultralytics(model, scene, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model.set_references(REFS)
+    f = model.export(format="onnx", imgsz=64, simplify=False)
+    for m in (FewShotYOLO(f), YOLO(f, task="detect")):
+        res = m.predict(str(scene / "scene.jpg"), imgsz=64, conf=0.0, verbose=False)
+        assert res[0].names == {0: "cat", 1: "cup", 2: "face"}
+
+
+def test_track_a_video_with_references(model, tmp_path):
+    frame = cv2.resize(cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR), (160, 128))
+    video = tmp_path / "v.mp4"
+    w = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 5, (160, 128))
+    for i in range(6):
+        w.write(np.roll(frame, i * 3, axis=1))
+    w.release()
+    res = model.track(
+        str(video),
+        refs={"face": [(data.astronaut(), [140, 20, 330, 200])]},
+        imgsz=64,
+        conf=0.0,
+        verbose=False,
+        tracker="bytetrack.yaml",
+    )
+    assert len(res) == 6 and all(r.names == {0: "face"} for r in res)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        model.predict(str(tmp_path / "missing.mp4"))
