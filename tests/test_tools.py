@@ -42,3 +42,17 @@ def test_bench_encoder_json():
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(out["per_crop_ms"]) == {"efficientnet-lite0"} and out["per_crop_ms"]["efficientnet-lite0"] > 0
     assert out["bank_3refs_s"] > 0 and out["bank_target_s"] == 0.3
+
+
+def test_bench_speed_json():
+    tool = TOOL.parent / "bench_speed.py"
+    r = subprocess.run(
+        [sys.executable, str(tool), "--json", "--imgsz", "64", "--iters", "1"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(out["fewshot_ms"]) == {"1", "3", "8"} and out["baseline_ms"] > 0
+    assert out["ratio_1ref"] == round(out["fewshot_ms"]["1"] / out["baseline_ms"], 3)
+    assert set(out["torch_ms"]) == {"baseline", "1", "3", "8"}
