@@ -107,7 +107,7 @@ class FewShotTrainer(DetectionTrainer):
         if joint is not None:
             return joint
         if self._encoder is None:
-            self._encoder = build_encoder(self.args.encoder or self.model.yaml["encoder"])
+            self._encoder = build_encoder(self.args.encoder or unwrap_model(self.model).yaml["encoder"])
         return self._encoder
 
     # -- data ------------------------------------------------------------------------------------------------------
