@@ -53,7 +53,7 @@ class ChannelRepeat(nn.Module):
 
 def expand_classes(x: Tensor, n: int | None) -> Tensor:
     """Repeat a per-image map ``[B, ...]`` once per reference class -> ``[B*N, ...]`` (image-major); None: unchanged."""
-    return x if n is None else x.repeat_interleave(n, 0)
+    return x if n is None else x.unsqueeze(1).expand(-1, n, *x.shape[1:]).flatten(0, 1)
 
 
 def match_size(x: Tensor, ref: Tensor) -> Tensor:

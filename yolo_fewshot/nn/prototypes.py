@@ -23,7 +23,8 @@ class PrototypeConsumer:
     @property
     def num_classes(self) -> int | None:
         """N, the number of reference classes currently bound, or None in bypass mode."""
-        return None if self.prototypes is None else int(self.prototypes[0].shape[1])
+        # a size, not int(): an exported graph keeps the class count symbolic (dynamic-references export)
+        return None if self.prototypes is None else self.prototypes[0].shape[1]
 
 
 def as_prototypes(protos: Tensor | Sequence[Tensor], dims: Sequence[int]) -> list[Tensor]:
