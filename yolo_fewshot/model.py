@@ -98,9 +98,19 @@ class FewShotYOLO(Model):
         self._use_refs(refs)
         return super().track(source, stream, persist, **kwargs)
 
-    def export(self, refs: Any = None, **kwargs: Any) -> str:
+    def export(self, refs: Any = None, dynamic_refs: bool = False, **kwargs: Any) -> str:
         """Ultralytics' export with the references baked in as constants (a single-input graph, any format the
-        Exporter supports); class names and the encoder spec go into the ONNX metadata."""
+        Exporter supports); class names and the encoder spec go into the ONNX metadata. ``dynamic_refs=True`` instead
+        writes ``detector.onnx`` (inputs images + prototypes) and ``encoder.onnx`` next to the model (ONNX only), for
+        :class:`~yolo_fewshot.runtime.onnx.FewShotOnnx`; it returns the detector's path."""
+        if dynamic_refs:
+            from .engine.export import export_dynamic
+
+            if kwargs.get("format", "onnx") != "onnx":
+                raise ValueError("dynamic_refs=True exports ONNX only; use format=onnx (or bake references for others)")
+            pt = getattr(self.model, "pt_path", None) or self.model.yaml.get("yaml_file", "model")
+            out = Path(kwargs.get("project") or Path(pt).parent) / f"{Path(pt).stem}_dynamic"
+            return str(export_dynamic(self, out, int(kwargs.get("imgsz", 640)))[0])
         self._use_refs(refs)
         f = super().export(**kwargs)
         if str(f).endswith(".onnx"):

@@ -73,9 +73,21 @@ class SupportEncoder(nn.Module):
         return [torch.cat([o[level] for o in outs]).float().cpu() for level in range(len(outs[0]))]
 
 
+def resize_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
+    """Object mask ``[K, 1, H, W]`` -> ``[K, 1, *size]``: the share of object pixels in each cell (area averaging).
+
+    Sizes are fixed per encoder, so they are taken as constants: the average pool (exactly area interpolation when the
+    sizes divide) and the bilinear fallback both export to ONNX, where adaptive pooling does not."""
+    h, w = int(size[0]), int(size[1])
+    big_h, big_w = int(mask.shape[-2]), int(mask.shape[-1])
+    if big_h % h == 0 and big_w % w == 0:
+        return F.avg_pool2d(mask.float(), (big_h // h, big_w // w))
+    return F.interpolate(mask.float(), size=(h, w), mode="bilinear", align_corners=False)
+
+
 def masked_mean(feat: Tensor, mask: Tensor | None) -> Tensor:
     """Mean of a map ``[K, C, H, W]`` over the mask's pixels (resized to the map; all pixels if none) -> ``[K, C]``."""
     if mask is None:
         return feat.mean((2, 3))
-    m = F.interpolate(mask.float(), size=feat.shape[-2:], mode="area")
+    m = resize_mask(mask, feat.shape[-2:])
     return (feat * m).sum((2, 3)) / m.sum((2, 3)).clamp_min(1e-6)

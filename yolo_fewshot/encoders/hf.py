@@ -16,10 +16,9 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .base import EncoderSpec, SupportEncoder, masked_mean
+from .base import EncoderSpec, SupportEncoder, masked_mean, resize_mask
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -86,7 +85,7 @@ class HFEncoder(SupportEncoder):
             return [masked_mean(h, masks)[:, None] for h in hs[-4:]]
         norm = getattr(self.model, "layernorm", None) or getattr(self.model, "norm", None)  # DINOv2 / DINOv3 names
         g = x.shape[-1] // self.patch
-        m = None if masks is None else F.interpolate(masks.float(), size=(g, g), mode="area").flatten(1)  # [K, g*g]
+        m = None if masks is None else resize_mask(masks, (g, g)).flatten(1)  # [K, g*g]
         levels = []
         for i in self.layers:
             h = hs[i]

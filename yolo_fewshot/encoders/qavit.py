@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn.attention.local_global import LocalGlobalAttention
-from .base import EncoderSpec, SupportEncoder
+from .base import EncoderSpec, SupportEncoder, resize_mask
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -233,7 +233,7 @@ class QAViTEncoder(SupportEncoder):
             if masks is None:
                 pooled = tokens.mean(1)
             else:
-                m = F.interpolate(masks.float(), size=hw, mode="area").flatten(1)
+                m = resize_mask(masks, hw).flatten(1)
                 pooled = (tokens * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1e-6)
             out.append(torch.stack([pooled, bank.mean(1)], 1))
         return out

@@ -18,8 +18,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
-from torch import Tensor
 
 ImageLike = str | Path | np.ndarray
 PAD_VALUE = 114
@@ -75,8 +73,8 @@ def check_box(box, w: int, h: int, where: str = "") -> tuple[float, float, float
     return x1, y1, x2, y2
 
 
-def make_crop(src: ImageLike, box=None, size: int = 224, context: float = 0.1) -> tuple[Tensor, Tensor]:
-    """Encoder-ready crop of the object in ``src``.
+def crop_array(src: ImageLike, box=None, size: int = 224, context: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """Encoder-ready crop of the object in ``src``, in numpy (no torch: the ONNX runtime uses it).
 
     Args:
         src: Image path or array.
@@ -85,7 +83,7 @@ def make_crop(src: ImageLike, box=None, size: int = 224, context: float = 0.1) -
         context: Context added around the box on each side, as a fraction of the box's longer side.
 
     Returns:
-        ``crop [3, size, size]`` float in [0, 1] and ``mask [1, size, size]`` float in [0, 1].
+        ``crop [size, size, 3]`` uint8 RGB and ``mask [size, size]`` float32 in [0, 1].
     """
     img, alpha = read_image(src)
     h, w = img.shape[:2]
@@ -109,6 +107,14 @@ def make_crop(src: ImageLike, box=None, size: int = 224, context: float = 0.1) -
     canvas[top : top + nh, left : left + nw] = img
     full = np.zeros((size, size), np.float32)
     full[top : top + nh, left : left + nw] = mask
+    return canvas, full
+
+
+def make_crop(src: ImageLike, box=None, size: int = 224, context: float = 0.1):
+    """:func:`crop_array` as torch tensors: ``crop [3, size, size]`` float in [0, 1], ``mask [1, size, size]``."""
+    import torch
+
+    canvas, full = crop_array(src, box, size, context)
     return torch.from_numpy(canvas).permute(2, 0, 1).float() / 255, torch.from_numpy(full)[None]
 
 
