@@ -107,3 +107,36 @@ def test_runtime_works_without_torch(exported):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "ok True" in r.stdout and "clear: True" in r.stdout
+
+
+def test_cli_predict_with_dynamic_detector(exported, tmp_path, capsys):
+    import json
+
+    import cv2
+
+    from yolo_fewshot.cli import entrypoint
+
+    _, det, _ = exported
+    for name, img in (("cat", data.chelsea()), ("cup", data.coffee())):
+        (tmp_path / "refs" / name).mkdir(parents=True)
+        cv2.imwrite(str(tmp_path / "refs" / name / "1.jpg"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    scene = tmp_path / "scene.jpg"
+    cv2.imwrite(str(scene), cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR))
+    argv = [
+        "predict",
+        f"model={det}",
+        f"refs={tmp_path / 'refs'}",
+        f"source={scene}",
+        "conf=0.0",
+        "save=True",
+        f"project={tmp_path}",
+        "name=out",
+    ]
+    assert entrypoint(argv) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["image"] == str(scene) and {d["name"] for d in line["detections"]} <= {"cat", "cup"}
+    assert (tmp_path / "out" / "scene.jpg").is_file()
+    assert entrypoint(["predict", f"model={det}", f"source={scene}"]) == 2
+    assert "no references to look for" in capsys.readouterr().err
+    assert entrypoint(["predict", f"model={det}", f"refs={tmp_path / 'refs'}", f"source={tmp_path / 'nope.jpg'}"]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -66,8 +66,44 @@ def parse_args(args: Sequence[str]) -> tuple[str, dict[str, Any]]:
     return mode, overrides
 
 
+def run_onnx(mode: str, overrides: dict[str, Any]) -> Any:
+    """``predict`` with a dynamic-references ``detector.onnx``: the torch-free runtime, one JSON line per image."""
+    import json
+    from pathlib import Path
+
+    from .references.build import read_refs_folder
+    from .runtime.onnx import FewShotOnnx, predict_files
+
+    if mode != "predict":
+        raise UsageError(f"a dynamic-references detector.onnx supports predict only, not {mode}")
+    det = Path(overrides["model"])
+    refs = overrides.get("refs")
+    if refs is None:
+        raise UsageError("this model has no references to look for; add refs=<folder of <class>/ photos>")
+    rt = FewShotOnnx(det, det.with_name("encoder.onnx"))
+    if not Path(str(refs)).is_dir():
+        raise UsageError(f"with detector.onnx, refs= must be a folder of <class>/ photos, got {refs}")
+    items, _ = read_refs_folder(Path(str(refs)))
+    rt.set_references(items)
+    save = Path(overrides.get("project") or "runs/fewshot") / str(overrides.get("name") or "predict")
+    results = predict_files(
+        rt,
+        overrides.get("source") or "",
+        float(overrides.get("conf") or 0.25),
+        float(overrides.get("iou") or 0.7),
+        save if overrides.get("save") else None,
+    )
+    for f, dets in results:
+        print(json.dumps({"image": f, "detections": dets}))
+    return results
+
+
 def run(mode: str, overrides: dict[str, Any]) -> Any:
     """Execute one parsed command."""
+    from .runtime.onnx import is_dynamic_export
+
+    if is_dynamic_export(str(overrides.get("model", ""))):
+        return run_onnx(mode, overrides)
     from . import FewShotYOLO
 
     model = FewShotYOLO(overrides.pop("model", "yolov8n-psalm-p2.yaml"), encoder=overrides.pop("encoder", None))

@@ -61,7 +61,8 @@ def _item(item: Any, base: Path | None, cls: str) -> tuple[Any, Any]:
     return img, box
 
 
-def _folder(root: Path) -> tuple[dict[str, list], dict[str, list]]:
+def read_refs_folder(root: Path) -> tuple[dict[str, list], dict[str, list]]:
+    """References and negatives of a folder ``<class>/*.jpg`` (+ optional ``refs.yaml``): ``{class: [items]}`` x 2."""
     refs: dict[str, list] = {}
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
         files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -155,7 +156,7 @@ def build_bank(
             )
         if not p.is_dir():
             raise ValueError(f"references {p} must be a folder of <class>/ photos or a .safetensors bank")
-        refs, neg_all = _folder(p)
+        refs, neg_all = read_refs_folder(p)
         base = p
     if not isinstance(refs, Mapping) or not refs:
         raise ValueError("no references given: pass {class name: [photos]}, a folder or a .safetensors bank")

@@ -134,3 +134,46 @@ class FewShotOnnx:
             {"box": d[:4].tolist(), "score": float(d[4]), "class": int(d[5]), "name": self.names[int(d[5])]}
             for d in dets
         ]
+
+
+def is_dynamic_export(path: str | Path) -> bool:
+    """Whether ``path`` is a ``detector.onnx`` written by ``export(dynamic_refs=True)``."""
+    if not str(path).endswith(".onnx") or not Path(path).is_file():
+        return False
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return any(p.key == "yolo_fewshot" for p in model.metadata_props) and len(model.graph.input) == 2
+
+
+def predict_files(
+    rt: FewShotOnnx, source: str | Path, conf: float = 0.25, iou: float = 0.7, save_dir: Path | None = None
+) -> list[tuple[str, list[dict]]]:
+    """Run ``rt`` on an image or a folder of images; optionally save annotated copies to ``save_dir``."""
+    from ..references.build import IMAGE_SUFFIXES
+
+    src = Path(source)
+    if not src.exists():
+        raise FileNotFoundError(f"source {src} does not exist")
+    files = sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if src.is_dir() else [src]
+    out = []
+    for f in files:
+        dets = rt.predict(f, conf=conf, iou=iou)
+        out.append((str(f), dets))
+        if save_dir is not None:
+            img = cv2.imread(str(f))
+            for d in dets:
+                x1, y1, x2, y2 = (int(round(v)) for v in d["box"])
+                cv2.rectangle(img, (x1, y1), (x2, y2), (0, 200, 255), 2)
+                cv2.putText(
+                    img,
+                    f"{d['name']} {d['score']:.2f}",
+                    (x1, max(12, y1 - 4)),
+                    cv2.FONT_HERSHEY_SIMPLEX,
+                    0.5,
+                    (0, 200, 255),
+                    1,
+                )
+            save_dir.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(save_dir / f.name), img)
+    return out
