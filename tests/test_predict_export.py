@@ -14,6 +14,7 @@ from ultralytics.utils.nms import non_max_suppression
 
 from yolo_fewshot import FewShotYOLO
 from yolo_fewshot.cli import entrypoint
+from yolo_fewshot.nn.detector import suppress_negatives
 
 REFS = {"cat": [data.chelsea()], "cup": [data.coffee()], "face": [(data.astronaut(), [140, 20, 330, 200])]}
 
@@ -122,3 +123,39 @@ def test_track_a_video_with_references(model, tmp_path):
     assert len(res) == 6 and all(r.names == {0: "face"} for r in res)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         model.predict(str(tmp_path / "missing.mp4"))
+
+
+def test_suppress_negatives_rule():
+    y = torch.tensor([[[0.0, 0.0], [0.0, 0.0], [1.0, 1.0], [1.0, 1.0], [0.5, 0.5], [0.9, 0.9], [0.6, 0.4]]])
+    out = suppress_negatives(y, [0])  # classes a (0.5) and b (0.9); a negative of a scoring 0.6 then 0.4
+    assert out.shape == (1, 6, 2)
+    assert torch.equal(out[0, 4], torch.tensor([0.0, 0.5])) and torch.equal(out[0, 5], y[0, 5])
+
+
+def test_negative_references_suppress_look_alikes(scene):
+    m = FewShotYOLO("yolov8n-psalm-p2.yaml", encoder="efficientnet-lite0")
+    x = torch.rand(1, 3, 64, 64)
+    m.set_references({"cat": [data.chelsea()], "cup": [data.coffee()]})
+    plain = m.model.eval()(x)[0]
+    # a negative identical to the cat reference scores exactly as high everywhere: the cat is suppressed everywhere
+    bank = m.set_references({"cat": [data.chelsea()], "cup": [data.coffee()]}, negatives={"cat": [data.chelsea()]})
+    assert bank.classes["cat"].negatives is not None and m.names == {0: "cat", 1: "cup"}
+    y, raw = m.model(x)
+    assert y.shape == plain.shape and raw["scores"].shape[1] == 2
+    neg_of, m.model._negative_of = m.model._negative_of, []  # the unfolded output: cat, cup and the cat's negative
+    full = m.model(x)[0]
+    m.model._negative_of = neg_of
+    assert full.shape[1] == 4 + 3
+    torch.testing.assert_close(y, suppress_negatives(full, [0]))
+    suppressed = (y[:, 4] == 0) & (full[:, 4] > 0)
+    assert suppressed.float().mean() > 0.2  # an identical look-alike ties the cat at many anchors (float noise aside)
+    torch.testing.assert_close(y[:, 5], plain[:, 5], atol=1e-5, rtol=1e-4)  # the cup is untouched
+    res = m.predict(str(scene / "scene.jpg"), conf=0.0, imgsz=64, verbose=False)
+    assert 0 not in res[0].boxes.cls.int().tolist()
+    with pytest.raises(ValueError, match="negative_of"):
+        m.model.set_prototypes(
+            [torch.randn(2, d) for d in m.model.proto_dims],
+            ["a", "b"],
+            [torch.randn(1, d) for d in m.model.proto_dims],
+            [5],
+        )

@@ -176,7 +176,9 @@ class FewShotYOLO(Model):
             The bank, also kept as :attr:`references` (``model.references.save("bank.safetensors")``).
         """
         bank = build_bank(self.encoder, refs, negatives, method)
-        self.model.set_prototypes(bank.prototypes(len(self.model.proto_dims)), bank.names)
+        levels = len(self.model.proto_dims)
+        negatives, negative_of = bank.negative_prototypes(levels)
+        self.model.set_prototypes(bank.prototypes(levels), bank.names, negatives, negative_of)
         self.__dict__["references"] = bank
         self.predictor = None  # a cached predictor holds the old class names
         return bank

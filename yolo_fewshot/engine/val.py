@@ -61,7 +61,8 @@ class FewShotValidator(DetectionValidator):
                 "`yolo val`, or train one with `yolo-fewshot train model=yolov8n-psalm-p2.yaml`"
             )
         if self.fs_model is not fs:  # remember the model's own references, restored when validation ends
-            self._saved_state = (fs.prototypes, dict(fs.names))
+            self._saved_state = (fs.prototypes, dict(fs.names), list(fs.__dict__.get("_negative_of") or []))
+            fs._negative_of = []  # validation binds its own per-image prototypes of every class, without negatives
         self.fs_model = fs
         self.split = self.split or FewShotSplit.from_data(self.data)
         names = dict(self.split.names)
@@ -181,7 +182,7 @@ class FewShotValidator(DetectionValidator):
     def restore_model(self) -> None:
         """Give the model back its own references and names (validation binds per-image ones of every class)."""
         if self.fs_model is not None and getattr(self, "_saved_state", None) is not None:
-            self.fs_model._protos, self.fs_model.names = self._saved_state[0], self._saved_state[1]
+            self.fs_model._protos, self.fs_model.names, self.fs_model._negative_of = self._saved_state
             self.fs_model = None
 
     def print_fewshot_summary(self) -> None:

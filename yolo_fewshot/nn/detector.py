@@ -61,7 +61,11 @@ class FewShotDetectionModel(DetectionModel):
         return self.__dict__.get("_protos")
 
     def set_prototypes(
-        self, protos: Tensor | Sequence[Tensor] | None, names: Sequence[str] | dict | None = None
+        self,
+        protos: Tensor | Sequence[Tensor] | None,
+        names: Sequence[str] | dict | None = None,
+        negatives: Sequence[Tensor] | None = None,
+        negative_of: Sequence[int] = (),
     ) -> None:
         """Set (or clear, with None) the reference prototypes and their class names.
 
@@ -69,12 +73,24 @@ class FewShotDetectionModel(DetectionModel):
             protos: Per-level prototypes, each ``[N, D_l]``, ``[N, M, D_l]`` or ``[B, N, M, D_l]`` (see
                 :func:`~yolo_fewshot.nn.prototypes.as_prototypes`).
             names: N class names (list or ``{index: name}``); default ``ref0..refN-1``.
+            negatives: Per-level prototypes of look-alikes, ``[N_neg, ...]`` like ``protos`` (shared by all images).
+            negative_of: For each negative, the class it suppresses: wherever the negative scores at least as high as
+                its class, the class's score is set to 0.
         """
+        self._negative_of: list[int] = []
         if protos is None:
             self._protos, self.names = None, dict(BYPASS_NAMES)
             return
         protos = as_prototypes(protos, self.proto_dims)
         n = protos[0].shape[1]
+        if negatives is not None:
+            negatives = as_prototypes(negatives, self.proto_dims)
+            if len(negative_of) != negatives[0].shape[1] or not all(0 <= c < n for c in negative_of):
+                raise ValueError(f"negative_of {list(negative_of)} must name one of the {n} classes per negative")
+            if protos[0].shape[0] != 1:
+                raise ValueError("negative references need prototypes shared by the batch ([N, ...], not [B, N, ...])")
+            protos = [torch.cat([p, q], 1) for p, q in zip(protos, negatives)]
+            self._negative_of = [int(c) for c in negative_of]
         if names is None:
             names = [f"ref{i}" for i in range(n)]
         names = list(names.values()) if isinstance(names, dict) else list(names)
@@ -93,12 +109,21 @@ class FewShotDetectionModel(DetectionModel):
 
     # -- torch plumbing ------------------------------------------------------------------------------------------------
     def predict(self, x: Tensor, *args: Any, **kwargs: Any):
-        """Ultralytics' predict with the prototypes bound for this call (``[B, 4+N, A]`` outputs)."""
+        """Ultralytics' predict with the prototypes bound for this call (``[B, 4+N, A]`` outputs); negative
+        references run as hidden extra classes and are folded away (:func:`suppress_negatives`)."""
         self._bind(self.prototypes)
         try:
-            return super().predict(x, *args, **kwargs)
+            out = super().predict(x, *args, **kwargs)
         finally:
             self._bind(None)
+        neg = self.__dict__.get("_negative_of") or []
+        if not neg or self.training:
+            return out
+        if isinstance(out, tuple):
+            y, raw = out
+            n = raw["scores"].shape[1] - len(neg)
+            return suppress_negatives(y, neg), {**raw, "scores": raw["scores"][:, :n]}
+        return suppress_negatives(out, neg)
 
     # -- training ------------------------------------------------------------------------------------------------------
     def init_criterion(self) -> EpisodicDetectionLoss:
@@ -174,3 +199,14 @@ def merge_chunks(outs: list) -> Any:
         0, best[None, :, None].expand(1, -1, raws[0]["boxes"].shape[1], -1)
     )[0]
     return y, {**raws[0], "boxes": rb, "scores": torch.cat([r["scores"] for r in raws], 1)}
+
+
+def suppress_negatives(y: Tensor, negative_of: list[int]) -> Tensor:
+    """``[B, 4 + N + N_neg, A]`` -> ``[B, 4 + N, A]``; a class's score is zeroed where one of its negatives scores at
+    least as high (look-alike suppression)."""
+    n = y.shape[1] - 4 - len(negative_of)
+    scores = y[:, 4 : 4 + n].clone()
+    for j, c in enumerate(negative_of):
+        beaten = y[:, 4 + n + j] >= scores[:, c]
+        scores[:, c] = scores[:, c].masked_fill(beaten, 0.0)
+    return torch.cat([y[:, :4], scores], 1)

@@ -125,6 +125,22 @@ class ReferenceBank:
             for lv in range(start, len(self.spec.dims))
         ]
 
+    def negative_prototypes(
+        self, levels: int | None = None, method: str | None = None
+    ) -> tuple[list[Tensor] | None, list[int]]:
+        """One prototype per class that has negatives (look-alikes), and the index of the class it suppresses."""
+        method = method or self.method
+        levels = len(self.spec.dims) if levels is None else levels
+        start = len(self.spec.dims) - levels
+        owners = [i for i, c in enumerate(self.classes.values()) if c.negatives is not None and c.negatives[0].shape[0]]
+        if not owners:
+            return None, []
+        cls = list(self.classes.values())
+        return [
+            torch.stack([aggregate(cls[i].negatives[lv], method) for i in owners])
+            for lv in range(start, len(self.spec.dims))
+        ], owners
+
     def check_encoder(self, spec: EncoderSpec) -> None:
         """Refuse a bank made by another encoder (or the same one with other dims/revision)."""
         if not self.spec.compatible(spec):
