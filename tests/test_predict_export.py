@@ -159,3 +159,26 @@ def test_negative_references_suppress_look_alikes(scene):
             [torch.randn(1, d) for d in m.model.proto_dims],
             [5],
         )
+
+
+def test_saved_predictions_show_reference_thumbnails(scene, tmp_path):
+    m = FewShotYOLO("yolov8n-psalm.yaml", encoder="efficientnet-lite0")
+    bank = m.set_references({"cat": [data.chelsea()], "cup": [data.coffee()]})
+    assert bank.classes["cat"].thumbnail.shape == (64, 64, 3) and bank.classes["cat"].thumbnail.dtype == torch.uint8
+    bank.save(tmp_path / "b.safetensors")
+    from yolo_fewshot.references.bank import ReferenceBank
+
+    assert torch.equal(
+        ReferenceBank.load(tmp_path / "b.safetensors").classes["cup"].thumbnail, bank.classes["cup"].thumbnail
+    )
+    kw = dict(conf=0.99, imgsz=64, save=True, project=str(tmp_path), exist_ok=True, verbose=False)  # no boxes drawn
+    m.predict(str(scene / "scene.jpg"), name="with", **kw)
+    m.model.reference_thumbnails = {}
+    m.predictor = None  # the cached predictor holds its own copy of the model
+    m.predict(str(scene / "scene.jpg"), name="without", **kw)
+    a = cv2.imread(str(tmp_path / "with" / "scene.jpg")).astype(int)
+    b = cv2.imread(str(tmp_path / "without" / "scene.jpg")).astype(int)
+    assert a.shape == b.shape
+    corner = np.abs(a[4:40, 4:40] - b[4:40, 4:40]).mean()
+    rest = np.abs(a[64:, 64:] - b[64:, 64:]).mean()
+    assert corner > 10 and rest < 2

@@ -11,11 +11,11 @@ from typing import Any
 
 from torch import Tensor, nn
 from ultralytics.engine.model import Model
-from ultralytics.models import yolo
 from ultralytics.utils import DEFAULT_CFG_DICT
 
 from .configs import load_model_yaml
 from .encoders import EncoderSpec, SupportEncoder, build_encoder, configure_model_yaml
+from .engine.predict import FewShotPredictor
 from .engine.train import FewShotTrainer
 from .engine.val import FewShotValidator
 from .nn.detector import FewShotDetectionModel
@@ -61,13 +61,13 @@ class FewShotYOLO(Model):
 
     @property
     def task_map(self) -> dict[str, dict[str, Any]]:
-        """Detection only: the few-shot trainer and validator; prediction is still Ultralytics' own predictor."""
+        """Detection only: the few-shot trainer, validator and predictor (Ultralytics' engine, subclassed)."""
         return {
             "detect": {
                 "model": FewShotDetectionModel,
                 "trainer": FewShotTrainer,
                 "validator": FewShotValidator,
-                "predictor": yolo.detect.DetectionPredictor,
+                "predictor": FewShotPredictor,
             }
         }
 
@@ -179,6 +179,9 @@ class FewShotYOLO(Model):
         levels = len(self.model.proto_dims)
         negatives, negative_of = bank.negative_prototypes(levels)
         self.model.set_prototypes(bank.prototypes(levels), bank.names, negatives, negative_of)
+        self.model.reference_thumbnails = {
+            n: c.thumbnail.numpy() for n, c in bank.classes.items() if c.thumbnail is not None
+        }
         self.__dict__["references"] = bank
         self.predictor = None  # a cached predictor holds the old class names
         return bank
@@ -188,6 +191,7 @@ class FewShotYOLO(Model):
     ) -> FewShotYOLO:
         """Set the detector's reference prototypes (see :meth:`FewShotDetectionModel.set_prototypes`)."""
         self.model.set_prototypes(protos, names)
+        self.model.reference_thumbnails = {}
         self.__dict__["references"] = None  # prototypes set by hand have no bank
         self.predictor = None  # a cached predictor holds the old class names
         return self

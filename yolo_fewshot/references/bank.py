@@ -31,6 +31,7 @@ class ClassReferences:
     sources: list[dict] = field(default_factory=list)
     negatives: list[Tensor] | None = None
     negative_sources: list[dict] = field(default_factory=list)
+    thumbnail: Tensor | None = None  # [T, T, 3] uint8 RGB of the first reference, shown on saved predictions
 
     @property
     def k(self) -> int:
@@ -90,6 +91,7 @@ class ReferenceBank:
         sources: list[dict] | None = None,
         negatives: list[Tensor] | None = None,
         negative_sources: list[dict] | None = None,
+        thumbnail: Tensor | None = None,
     ) -> None:
         """Add a class (its per-level ``[K, M, D_l]`` embeddings, optional negatives); other classes are untouched.
 
@@ -105,7 +107,7 @@ class ReferenceBank:
         if emb[0].shape[0] == 0:
             raise ValueError(f"class '{name}' has no reference image")
         neg = None if negatives is None else self._check(name, negatives, "negative references")
-        self.classes[name] = ClassReferences(emb, list(sources or []), neg, list(negative_sources or []))
+        self.classes[name] = ClassReferences(emb, list(sources or []), neg, list(negative_sources or []), thumbnail)
 
     def remove(self, name: str) -> None:
         """Remove a class."""
@@ -163,6 +165,8 @@ class ReferenceBank:
             if c.negatives is not None:
                 for lv, e in enumerate(c.negatives):
                     tensors[f"c{i}.neg.l{lv}"] = e
+            if c.thumbnail is not None:
+                tensors[f"c{i}.thumb"] = c.thumbnail
             classes.append(
                 {
                     "name": name,
@@ -209,7 +213,7 @@ class ReferenceBank:
             pos = [tensors[f"c{i}.pos.l{lv}"] for lv in range(n_levels)]
             neg = [tensors[f"c{i}.neg.l{lv}"] for lv in range(n_levels)] if c.get("negatives") else None
             try:
-                bank.add(c["name"], pos, c.get("sources"), neg, c.get("negative_sources"))
+                bank.add(c["name"], pos, c.get("sources"), neg, c.get("negative_sources"), tensors.get(f"c{i}.thumb"))
             except ValueError as e:
                 raise ValueError(f"reference bank {path}: {e}") from None
         return bank

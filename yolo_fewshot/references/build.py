@@ -104,7 +104,13 @@ def _normalise(refs: Mapping[str, Sequence], base: Path | None) -> dict[str, lis
     return out
 
 
-def _encode(encoder: SupportEncoder, items: list[tuple[Any, Any]], context: float) -> tuple[list, list[dict]]:
+def thumbnail(crop: torch.Tensor, size: int = 64) -> torch.Tensor:
+    """A small uint8 RGB picture ``[size, size, 3]`` of a reference crop ``[3, S, S]`` in [0, 1]."""
+    small = torch.nn.functional.interpolate(crop[None], size=(size, size), mode="area")[0]
+    return (small.permute(1, 2, 0) * 255).round().clamp(0, 255).to(torch.uint8).contiguous()
+
+
+def _encode(encoder: SupportEncoder, items: list[tuple[Any, Any]], context: float) -> tuple[list, list[dict], Any]:
     crops, masks, sources = [], [], []
     for img, box in items:
         c, m = make_crop(img, box, encoder.spec.input_size, context)
@@ -117,7 +123,7 @@ def _encode(encoder: SupportEncoder, items: list[tuple[Any, Any]], context: floa
                 "box": None if box is None else [float(v) for v in box],
             }
         )
-    return encoder.encode(torch.stack(crops), torch.stack(masks)), sources
+    return encoder.encode(torch.stack(crops), torch.stack(masks)), sources, crops[0]
 
 
 def build_bank(
@@ -168,7 +174,7 @@ def build_bank(
         raise ValueError(f"negatives given for {sorted(unknown)}, which are not reference classes {sorted(items)}")
     bank = ReferenceBank(encoder.spec, method)
     for name, its in items.items():
-        emb, src = _encode(encoder, its, context)
-        neg, nsrc = _encode(encoder, neg_all[name], context) if neg_all.get(name) else (None, [])
-        bank.add(name, emb, src, neg, nsrc)
+        emb, src, first = _encode(encoder, its, context)
+        neg, nsrc, _ = _encode(encoder, neg_all[name], context) if neg_all.get(name) else (None, [], None)
+        bank.add(name, emb, src, neg, nsrc, thumbnail(first))
     return bank
