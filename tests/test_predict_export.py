@@ -123,6 +123,9 @@ def test_track_a_video_with_references(model, tmp_path):
     assert len(res) == 6 and all(r.names == {0: "face"} for r in res)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         model.predict(str(tmp_path / "missing.mp4"))
+    (tmp_path / "corrupt.mp4").write_bytes(b"not a video")
+    with pytest.raises(FileNotFoundError, match="Failed to open video"):
+        model.predict(str(tmp_path / "corrupt.mp4"))
 
 
 def test_suppress_negatives_rule():
@@ -182,3 +185,15 @@ def test_saved_predictions_show_reference_thumbnails(scene, tmp_path):
     corner = np.abs(a[4:40, 4:40] - b[4:40, 4:40]).mean()
     rest = np.abs(a[64:, 64:] - b[64:, 64:]).mean()
     assert corner > 10 and rest < 2
+
+
+def test_tensorrt_engine_export(model, tmp_path, monkeypatch):
+    """The baked graph through Ultralytics' TensorRT path; needs tensorrt and a GPU, so it skips elsewhere."""
+    pytest.importorskip("tensorrt")
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT needs a CUDA GPU")
+    monkeypatch.chdir(tmp_path)
+    model.set_references(REFS)
+    f = model.export(format="engine", imgsz=64, half=True, device=0)
+    res = YOLO(f, task="detect").predict(data.astronaut(), imgsz=64, conf=0.0, verbose=False)
+    assert res[0].names == {0: "cat", 1: "cup", 2: "face"}
