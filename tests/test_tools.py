@@ -8,17 +8,17 @@ from pathlib import Path
 from yolo_fewshot.nn.cheaf import CHEAF
 from yolo_fewshot.nn.psalm import PSALM
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_modules.py"
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def run_tool(name: str, *args: str) -> dict:
+    """Run ``tools/<name>`` with ``--json`` and return the JSON object it prints last."""
+    r = subprocess.run([sys.executable, str(TOOLS / name), "--json", *args], capture_output=True, text=True, check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def test_bench_modules_json():
-    r = subprocess.run(
-        [sys.executable, str(TOOL), "--json", "--iters", "2", "--scale", "0.1"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out = run_tool("bench_modules.py", "--iters", "2", "--scale", "0.1")
     expect = {
         "CHEAF": CHEAF([32, 64, 128, 256], [128, 256, 512, 512], 384),
         "PSALM": PSALM([32, 64, 128, 256], [128, 256, 512, 512], 384),
@@ -32,27 +32,13 @@ def test_bench_modules_json():
 
 
 def test_bench_encoder_json():
-    tool = TOOL.parent / "bench_encoder.py"
-    r = subprocess.run(
-        [sys.executable, str(tool), "--json", "--iters", "1", "--backends", "efficientnet-lite0"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out = run_tool("bench_encoder.py", "--iters", "1", "--backends", "efficientnet-lite0")
     assert set(out["per_crop_ms"]) == {"efficientnet-lite0"} and out["per_crop_ms"]["efficientnet-lite0"] > 0
     assert out["bank_3refs_s"] > 0 and out["bank_target_s"] == 0.3
 
 
 def test_bench_speed_json():
-    tool = TOOL.parent / "bench_speed.py"
-    r = subprocess.run(
-        [sys.executable, str(tool), "--json", "--imgsz", "64", "--iters", "1"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out = run_tool("bench_speed.py", "--imgsz", "64", "--iters", "1")
     assert set(out["fewshot_ms"]) == {"1", "3", "8"} and out["baseline_ms"] > 0
     assert out["ratio_1ref"] == round(out["fewshot_ms"]["1"] / out["baseline_ms"], 3)
     assert set(out["torch_ms"]) == {"baseline", "1", "3", "8"}
