@@ -18,6 +18,7 @@ from yolo_fewshot.data.toy import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE_ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+VAL = dict(imgsz=64, batch=4, workers=0, device="cpu", plots=False)  # standalone validator runs
 TRAIN = dict(epochs=1, imgsz=64, batch=4, workers=0, plots=False, device="cpu", n_way=3, shots="1,3", verbose=False)
 
 
@@ -258,11 +259,7 @@ def test_val_save_json_writes_coco_files_and_scores_them(trained, dataset, tmp_p
     model, _ = trained
     args = dict(
         data=str(dataset),
-        imgsz=64,
-        batch=4,
-        workers=0,
-        device="cpu",
-        plots=False,
+        **VAL,
         save_json=True,
         shots="2",
         seeds=2,
@@ -383,11 +380,7 @@ def test_qavit_trains_jointly_with_the_detector(dataset, tmp_path):
     v = FewShotValidator(
         args=dict(
             data=str(dataset),
-            imgsz=64,
-            batch=4,
-            workers=0,
-            device="cpu",
-            plots=False,
+            **VAL,
             shots="1",
             project=str(tmp_path),
             name="qv",
