@@ -2,12 +2,15 @@
 
 ``novel`` lists class names or ids; every other class is base. During base training the novel classes' boxes are
 removed from the training labels (the standard FSOD protocol: the images stay, so novel objects appear there as
-unlabelled background). ``support`` optionally names the split references are drawn from (default: ``train``).
+unlabelled background). ``support`` optionally names the split references are drawn from (default: ``train``): a
+split key or a folder relative to the dataset root. A YAML whose classes are all novel is valid for evaluation (the
+instance protocol of the benchmark); training then needs ``finetune=True``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -48,7 +51,23 @@ class FewShotSplit:
                 novel.append(by_name[x])
             else:
                 raise ValueError(f"novel class '{x}' is not in the data YAML's names {sorted(by_name)}")
-        if novel and len(set(novel)) == len(names):
-            raise ValueError("every class is listed as novel; leave at least one base class to train on")
         support = str(data.get("support") or "train")
         return cls(names, tuple(sorted(set(novel))), support)
+
+    def support_source(self, data: dict[str, Any]) -> str:
+        """Images of the support split: a split key of the data YAML (``support: val``) or a folder / list file
+        relative to the dataset root (``support: images/support``).
+
+        Raises:
+            FileNotFoundError: Neither names an existing split or path.
+        """
+        if data.get(self.support):
+            return str(data[self.support])
+        p = Path(self.support)
+        p = p if p.is_absolute() else Path(data.get("path") or ".") / p
+        if not p.exists():
+            raise FileNotFoundError(
+                f"support: {self.support} is neither a split of the data YAML nor an existing path ({p}); "
+                "write e.g. support: val, or support: images/support"
+            )
+        return str(p)

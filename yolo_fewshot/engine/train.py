@@ -60,6 +60,8 @@ class FewShotTrainer(DetectionTrainer):
         super().__init__(cfg, overrides, _callbacks)
         self.wdir, self.last, self.best = (AtomicPath(p) for p in (self.wdir, self.last, self.best))
         self.split = FewShotSplit.from_data(self.data)
+        if not self.split.base and not self.args.finetune:
+            raise ValueError("every class is listed as novel; leave at least one base class to train on")
         if self.args.finetune:
             self._setup_finetune()
         self.sampler: EpisodeSampler | None = None
@@ -135,7 +137,7 @@ class FewShotTrainer(DetectionTrainer):
                 from ultralytics.data import build_yolo_dataset
 
                 ds = build_yolo_dataset(
-                    self.args, self.data[self.split.support], self.args.batch, self.data, mode="val", stride=32
+                    self.args, self.split.support_source(self.data), self.args.batch, self.data, mode="val", stride=32
                 )
                 self.support = self._table(ds.labels, list(self.split.names))
             table = self.support.subset([i for i, c in enumerate(self.support.cls) if c in set(self.trained_classes)])

@@ -85,7 +85,7 @@ class FewShotValidator(DetectionValidator):
         from .train import cache_dir
 
         ds = build_yolo_dataset(
-            self.args, self.data[self.split.support], self.args.batch, self.data, mode="val", stride=32
+            self.args, self.split.support_source(self.data), self.args.batch, self.data, mode="val", stride=32
         )
         if joint is not None:
             return crop_table(ds.labels, list(self.split.names), joint.spec.input_size, 1)
@@ -135,13 +135,17 @@ class FewShotValidator(DetectionValidator):
     # -- COCO evaluation -------------------------------------------------------------------------------------------
     def eval_json(self, stats: dict) -> dict:
         """With ``save_json=True``: write COCO ground truth and predictions, score them with pycocotools (all, base,
-        novel). Replaces Ultralytics' own JSON scoring, which handles COCO/LVIS only (and needs faster-coco-eval)."""
+        novel). Replaces Ultralytics' own JSON scoring, which handles COCO/LVIS only (and needs faster-coco-eval).
+        With several draws (``shots=1,3,5`` or ``seeds>1``) each draw's predictions are also kept, as
+        ``predictions_<K>shot_seed<S>.json``."""
         self.coco_stats = {}
         if not (self.args.save_json and self.dataloader is not None):
             return stats
         gt = coco_ground_truth(self.dataloader.dataset.labels, self.split.names, self.class_map)
         write_json(gt, self.save_dir / "annotations.json")
         write_json(self.jdict, self.save_dir / "predictions.json")
+        if len(self.shots) * self.n_seeds > 1:  # one file per reference draw: predictions.json holds only the last
+            write_json(self.jdict, self.save_dir / f"predictions_{self.k}shot_seed{self.seed}.json")
         cmap = self.class_map
         for part, ids in (("all", None), ("base", self.split.base), ("novel", self.split.novel)):
             ap, ap50 = coco_evaluate(gt, self.jdict, None if ids is None else [int(cmap[i]) for i in ids])

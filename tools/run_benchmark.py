@@ -1,0 +1,539 @@
+"""Run the real-photo few-shot benchmark: ours and the baselines a user would pick instead, scored the same way.
+
+    python tools/make_benchmark.py --folds 0                       # once: generate data/stamps/fold0*.yaml
+    python tools/run_benchmark.py --fold 0                         # all methods -> runs/benchmark/fold0/
+    python tools/run_benchmark.py --fold 0 --methods cosine psalm  # a subset; finished methods are kept (resumable)
+
+Methods (every one scored with pycocotools on the same val images, novel and base AP50 / AP50-95 per K, mean ± std
+over reference draws, and false positives per image on distractors):
+  cosine      zero training: the support encoder's cosine similarity over sliding windows
+  psalm       ours, yolov8n-psalm-p2 trained episodically on the base classes, novel classes train-free
+  cheaf       the same with the CHEAF neck
+  psalm-ft    ours + fine-tune mode (finetune=True) on the K shots of every class
+  yolo-ft     plain YOLOv8n-P2 trained on the base classes, then fine-tuned on the same K shots (an Ultralytics user)
+  upper       plain YOLOv8n-P2 trained on the novel classes with all their training scenes (upper bound)
+The instance 1-shot protocol (foldN-instance.yaml) is run for cosine, psalm and cheaf.
+Writes results.json (every draw) and results.md (the tables) after each method, atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("cosine", "psalm", "yolo-ft", "upper", "psalm-ft", "cheaf")
+CONF = 0.25  # score threshold of the false-positive count (Ultralytics' predict default)
+
+
+# -- scoring -------------------------------------------------------------------------------------------------------
+def read_split(images: str | Path) -> tuple[list[dict], dict]:
+    """Ultralytics-style labels (``im_file``, ``shape``, ``cls``, ``bboxes``) of a generated split folder, and its
+    ``objects.json`` (every pasted object, labelled or not)."""
+    from PIL import Image
+
+    images = Path(images)
+    labels = []
+    for f in sorted(images.glob("*.jpg")):
+        rows = np.loadtxt(images.parents[1] / "labels" / images.name / f"{f.stem}.txt", ndmin=2).reshape(-1, 5)
+        w, h = Image.open(f).size
+        labels.append({"im_file": str(f), "shape": (h, w), "cls": rows[:, :1], "bboxes": rows[:, 1:]})
+    objects = json.loads((images.parents[1] / f"objects_{images.name}.json").read_text())
+    return labels, {int(k): v for k, v in objects.items()}
+
+
+def fp_on_distractors(dets: list[dict], objects: dict, conf: float = CONF, iou: float = 0.5) -> float:
+    """Detections (score >= conf) that cover (IoU >= iou) some other object — an unlabelled distractor or an object
+    of another class — and no object of their own class; per image."""
+    import torch
+    from ultralytics.utils.metrics import box_iou
+
+    n = 0
+    for iid, objs in objects.items():
+        d = [x for x in dets if x["image_id"] == iid and x["score"] >= conf]
+        if not d or not objs:
+            continue
+        db = torch.tensor(
+            [[x["bbox"][0], x["bbox"][1], x["bbox"][0] + x["bbox"][2], x["bbox"][1] + x["bbox"][3]] for x in d]
+        )
+        ob = torch.tensor([o["box"] for o in objs], dtype=torch.float32)
+        m = (box_iou(db, ob) >= iou).numpy()
+        for i, x in enumerate(d):
+            own = [j for j, o in enumerate(objs) if o["label"] is not None and o["label"] + 1 == x["category_id"]]
+            if m[i].any() and not m[i, own].any():
+                n += 1
+    return n / max(1, len(objects))
+
+
+def score(dets: list[dict], gt: dict, objects: dict, base: list[int], novel: list[int]) -> dict:
+    """pycocotools AP of the base and novel classes (category ids = class index + 1) and FP/img on distractors."""
+    from yolo_fewshot.engine.coco import coco_evaluate
+
+    out = {}
+    for part, ids in (("base", base), ("novel", novel)):
+        ap, ap50 = coco_evaluate(gt, dets, [c + 1 for c in ids]) if ids else (float("nan"),) * 2
+        out[f"{part}_AP50"], out[f"{part}_AP50-95"] = ap50, ap
+    out["fp_per_img"] = fp_on_distractors(dets, objects)
+    return out
+
+
+class Bench:
+    """One fold's run: data, results file, shared settings."""
+
+    def __init__(self, a: argparse.Namespace) -> None:
+        from ultralytics.data.utils import check_det_dataset
+
+        from yolo_fewshot.data.split import FewShotSplit
+        from yolo_fewshot.engine.coco import coco_ground_truth
+
+        self.a = a
+        self.out = (a.out / f"fold{a.fold}").resolve()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.yaml = (a.data / f"fold{a.fold}.yaml").resolve()
+        self.iyaml = (a.data / f"fold{a.fold}-instance.yaml").resolve()
+        for y in (self.yaml, self.iyaml):
+            if not y.is_file():
+                raise FileNotFoundError(
+                    f"{y} not found; generate it first: python tools/make_benchmark.py --folds {a.fold}"
+                )
+        self.data = check_det_dataset(str(self.yaml))
+        self.idata = check_det_dataset(str(self.iyaml))
+        if not Path(self.data["val"]).is_dir():
+            raise FileNotFoundError(
+                f"{self.data['val']} is missing; run python tools/make_benchmark.py --folds {a.fold}"
+            )
+        self.split = FewShotSplit.from_data(self.data)
+        self.names = self.split.names
+        cmap = list(range(1, len(self.names) + 1))
+        labels, self.objects = read_split(self.data["val"])
+        self.gt = coco_ground_truth(labels, self.names, cmap)
+        ilabels, self.iobjects = read_split(self.idata["val"])
+        inames = FewShotSplit.from_data(self.idata).names
+        self.igt = coco_ground_truth(ilabels, inames, list(range(1, len(inames) + 1)))
+        self.n_inst = len(inames)
+        self.shots = [int(k) for k in a.shots.split(",")]
+        self.file = self.out / "results.json"
+        self.results = json.loads(self.file.read_text()) if self.file.is_file() else {"runs": {}}
+        self.results["settings"] = {**{k: str(v) for k, v in vars(a).items()}, "hardware": hardware()}
+
+    def save(self) -> None:
+        tmp = self.file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.results, indent=1))
+        tmp.replace(self.file)
+        md = self.out / "results.md"
+        md.with_suffix(".tmp").write_text(markdown(self.results, self.shots))
+        md.with_suffix(".tmp").replace(md)
+
+    def record(self, method: str, rows: list[dict], train_s: float) -> None:
+        self.results["runs"][method] = {"rows": rows, "train_s": round(train_s, 1)}
+        self.save()
+        print(markdown(self.results, self.shots))
+
+    def category(self, dets, k, seed) -> dict:
+        return {
+            "protocol": "category",
+            "shots": k,
+            "seed": seed,
+            **score(dets, self.gt, self.objects, list(self.split.base), list(self.split.novel)),
+        }
+
+    def instance(self, dets, seed) -> dict:
+        return {
+            "protocol": "instance",
+            "shots": 1,
+            "seed": seed,
+            **score(dets, self.igt, self.iobjects, [], list(range(self.n_inst))),
+        }
+
+
+def hardware() -> str:
+    import platform
+
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, torch {torch.__version__}"
+
+
+# -- methods -------------------------------------------------------------------------------------------------------
+def run_cosine(b: Bench) -> None:
+    """Zero training: windows vs K-shot prototypes (mean of the K reference embeddings, normalised)."""
+    import torch
+
+    from yolo_fewshot.baselines.window_matching import WindowMatcher, sliding_windows
+    from yolo_fewshot.data.split import FewShotSplit
+    from yolo_fewshot.encoders import build_encoder
+    from yolo_fewshot.references.crops import read_image
+
+    matcher = WindowMatcher(build_encoder(b.a.encoder), size=b.a.window_size)
+
+    def refs(data) -> dict[int, list[torch.Tensor]]:
+        labels, _ = read_split(FewShotSplit.from_data(data).support_source(data))
+        by_class: dict[int, list] = {}
+        for lb in labels:
+            img, _ = read_image(lb["im_file"])
+            h, w = lb["shape"]
+            for c, (x, y, bw, bh) in zip(lb["cls"][:, 0].astype(int), lb["bboxes"]):
+                box = np.array([[(x - bw / 2) * w, (y - bh / 2) * h, (x + bw / 2) * w, (y + bh / 2) * h]])
+                by_class.setdefault(int(c), []).append(matcher.embed(img, box, context=0.1)[0])
+        return by_class
+
+    def windows(labels) -> dict:
+        out = {}
+        for i, lb in enumerate(labels):
+            img, _ = read_image(lb["im_file"])
+            win = sliding_windows(img.shape[1], img.shape[0])
+            out[int(Path(lb["im_file"]).stem)] = (win, matcher.embed(img, win))
+            if i % 25 == 0:
+                print(f"cosine: embedded windows of {i}/{len(labels)} images", flush=True)
+        return out
+
+    def run(win, ref, k, seed) -> list[dict]:
+        classes = sorted(ref)
+        protos = []
+        for c in classes:
+            order = np.random.default_rng([seed, c]).permutation(len(ref[c]))[:k]
+            protos.append(torch.nn.functional.normalize(torch.stack([ref[c][j] for j in order]).mean(0), dim=0))
+        protos = torch.stack(protos)
+        dets = []
+        for iid, (w, e) in win.items():
+            for box, s, ci in matcher.detect(w, e, protos):
+                dets.append(
+                    {
+                        "image_id": iid,
+                        "category_id": classes[ci] + 1,
+                        "score": s,
+                        "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
+                    }
+                )
+        return dets
+
+    t0 = time.perf_counter()
+    rows = []
+    win, ref = windows(read_split(b.data["val"])[0]), refs(b.data)
+    for k in b.shots:
+        for seed in range(b.a.seeds):
+            rows.append(b.category(run(win, ref, k, seed), k, seed))
+    win, ref = windows(read_split(b.idata["val"])[0]), refs(b.idata)
+    for seed in range(b.a.seeds):
+        rows.append(b.instance(run(win, ref, 1, seed), seed))
+    b.record("cosine", rows, 0.0)
+    print(f"cosine: {time.perf_counter() - t0:.0f} s")
+
+
+def _fewshot_eval(b: Bench, weights: Path, tag: str, instance: bool = True) -> list[dict]:
+    """Our validator with seeded K-shot draws; every draw's predictions scored by :func:`score`."""
+    from yolo_fewshot import FewShotYOLO
+
+    rows = []
+    for data, shots, protocol in ((b.yaml, b.a.shots, "category"), (b.iyaml, "1", "instance")):
+        if protocol == "instance" and not instance:
+            continue
+        name = f"{tag}-val-{protocol}"
+        FewShotYOLO(str(weights)).val(
+            data=str(data),
+            shots=shots,
+            seeds=b.a.seeds,
+            imgsz=b.a.imgsz,
+            batch=b.a.batch,
+            save_json=True,
+            plots=False,
+            project=str(b.out),
+            name=name,
+            exist_ok=True,
+            encoder=b.a.encoder,
+            workers=0,
+        )
+        for k in [int(s) for s in shots.split(",")]:
+            for seed in range(b.a.seeds):
+                f = (
+                    b.out
+                    / name
+                    / (
+                        f"predictions_{k}shot_seed{seed}.json"
+                        if len(shots.split(",")) * b.a.seeds > 1
+                        else "predictions.json"
+                    )
+                )
+                dets = json.loads(f.read_text())
+                rows.append(b.category(dets, k, seed) if protocol == "category" else b.instance(dets, seed))
+    return rows
+
+
+def _train_fewshot(b: Bench, cfg: str, tag: str) -> tuple[Path, float]:
+    from yolo_fewshot import FewShotYOLO
+
+    best = b.out / tag / "weights" / "last.pt"
+    t0 = time.perf_counter()
+    if not best.is_file():
+        FewShotYOLO(cfg, encoder=b.a.encoder).train(
+            data=str(b.yaml),
+            epochs=b.a.epochs,
+            imgsz=b.a.imgsz,
+            batch=b.a.batch,
+            n_way=b.a.n_way,
+            project=str(b.out),
+            name=tag,
+            exist_ok=True,
+            plots=False,
+            workers=b.a.workers,
+            seed=0,
+            shots=str(max(b.shots)),
+            seeds=1,
+        )
+    return best, time.perf_counter() - t0
+
+
+def run_ours(b: Bench, neck: str) -> None:
+    weights, t = _train_fewshot(b, f"yolov8n-{neck}-p2.yaml", neck)
+    b.record(neck, _fewshot_eval(b, weights, neck), t)
+
+
+def _kshot_yaml(b: Bench, k: int, seed: int) -> Path:
+    """A data YAML whose train split is K shots of every class drawn (seeded) from the reference photos."""
+    from yolo_fewshot.data.kshot import kshot_images, list_images, write_kshot_list
+
+    images = kshot_images(list_images(b.split.support_source(b.data)), list(b.names), k, seed)
+    lst = write_kshot_list(images, b.out / "kshot" / f"{k}shot_seed{seed}.txt")
+    y = b.out / "kshot" / f"{k}shot_seed{seed}.yaml"
+    y.write_text(
+        f"path: {b.data['path']}\ntrain: {lst}\nval: {b.data['val']}\nsupport: {b.split.support}\n"
+        + "names:\n"
+        + "".join(f"  {i}: {n}\n" for i, n in b.names.items())
+        + f"novel: [{', '.join(b.names[i] for i in b.split.novel)}]\n"
+    )
+    return y
+
+
+def run_psalm_ft(b: Bench) -> None:
+    from yolo_fewshot import FewShotYOLO
+
+    base, _ = _train_fewshot(b, "yolov8n-psalm-p2.yaml", "psalm")
+    rows, t_total = [], 0.0
+    for k in [int(s) for s in b.a.ft_shots.split(",")]:
+        for seed in range(b.a.seeds):
+            tag = f"psalm-ft-{k}shot-seed{seed}"
+            t0 = time.perf_counter()
+            w = b.out / tag / "weights" / "last.pt"
+            if not w.is_file():
+                FewShotYOLO(str(base), encoder=b.a.encoder).train(
+                    data=str(_kshot_yaml(b, k, seed)),
+                    finetune=True,
+                    shots=str(k),
+                    seeds=1,
+                    epochs=b.a.ft_epochs,
+                    imgsz=b.a.imgsz,
+                    batch=b.a.batch,
+                    n_way=b.a.n_way,
+                    project=str(b.out),
+                    name=tag,
+                    exist_ok=True,
+                    plots=False,
+                    workers=b.a.workers,
+                    seed=seed,
+                    val=False,
+                )
+            t_total += time.perf_counter() - t0
+            name = f"{tag}-val"
+            FewShotYOLO(str(w)).val(
+                data=str(b.yaml),
+                shots=str(k),
+                seeds=1,
+                imgsz=b.a.imgsz,
+                batch=b.a.batch,
+                save_json=True,
+                plots=False,
+                project=str(b.out),
+                name=name,
+                exist_ok=True,
+                encoder=b.a.encoder,
+                workers=0,
+            )
+            rows.append(b.category(json.loads((b.out / name / "predictions.json").read_text()), k, seed))
+    b.record("psalm-ft", rows, t_total)
+
+
+def _plain_train(b: Bench, data: str | Path, tag: str, epochs: int, weights: str = "yolov8n-p2.yaml", **kw) -> float:
+    from ultralytics import YOLO
+
+    t0 = time.perf_counter()
+    if not (b.out / tag / "weights" / "last.pt").is_file():
+        YOLO(weights).train(
+            data=str(data),
+            epochs=epochs,
+            imgsz=b.a.imgsz,
+            batch=b.a.batch,
+            project=str(b.out),
+            name=tag,
+            exist_ok=True,
+            plots=False,
+            workers=b.a.workers,
+            seed=0,
+            **kw,
+        )
+    return time.perf_counter() - t0
+
+
+def _plain_val(b: Bench, tag: str) -> list[dict]:
+    from ultralytics import YOLO
+
+    name = f"{tag}-val"
+    YOLO(str(b.out / tag / "weights" / "last.pt")).val(
+        data=str(b.yaml),
+        imgsz=b.a.imgsz,
+        batch=b.a.batch,
+        save_json=True,
+        plots=False,
+        project=str(b.out),
+        name=name,
+        exist_ok=True,
+        workers=0,
+    )
+    return json.loads((b.out / name / "predictions.json").read_text())
+
+
+def run_yolo_ft(b: Bench) -> None:
+    t = _plain_train(b, b.yaml, "yolo-base", b.a.epochs)
+    rows = []
+    for k in [int(s) for s in b.a.ft_shots.split(",")]:
+        for seed in range(b.a.seeds):
+            tag = f"yolo-ft-{k}shot-seed{seed}"
+            t += _plain_train(
+                b, _kshot_yaml(b, k, seed), tag, b.a.ft_epochs, str(b.out / "yolo-base/weights/last.pt"), val=False
+            )
+            rows.append(b.category(_plain_val(b, tag), k, seed))
+    b.record("yolo-ft", rows, t)
+
+
+def run_upper(b: Bench) -> None:
+    y = b.out / "upper.yaml"
+    y.write_text(
+        f"path: {b.data['path']}\ntrain: {Path(b.data['path']) / b.data['novel_train']}\nval: {b.data['val']}\nnames:\n"
+        + "".join(f"  {i}: {n}\n" for i, n in b.names.items())
+    )
+    t = _plain_train(b, y, "upper", b.a.epochs)
+    b.record("upper", [b.category(_plain_val(b, "upper"), 0, 0)], t)
+
+
+# -- report --------------------------------------------------------------------------------------------------------
+LABELS = {
+    "cosine": "zero training: encoder cosine, sliding windows",
+    "psalm": "ours: PSALM, novel classes train-free",
+    "cheaf": "ours: CHEAF, novel classes train-free",
+    "psalm-ft": "ours: PSALM + fine-tune on the K shots",
+    "yolo-ft": "plain YOLOv8n-P2, base-trained, fine-tuned on the K shots",
+    "upper": "upper bound: plain YOLOv8n-P2 on all novel data",
+}
+
+
+def _cell(rows: list[dict], key: str) -> str:
+    v = np.array([r[key] for r in rows], float)
+    if not len(v) or not np.isfinite(v).any():
+        return "–"
+    return f"{np.nanmean(v):.3f} ± {np.nanstd(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
+
+
+def markdown(results: dict, shots: list[int]) -> str:
+    runs = results["runs"]
+    s = results.get("settings", {})
+    out = [
+        f"Fold {s.get('fold')} — category K-shot (novel classes: AP50 per K; mean ± std over {s.get('seeds')} draws)",
+        "",
+        "| method | "
+        + " | ".join(f"novel AP50 K={k}" for k in shots)
+        + " | novel AP50-95 K="
+        + str(max(shots))
+        + " | base AP50 K="
+        + str(max(shots))
+        + f" | FP/img (conf {CONF}) | train time |",
+        "|---" * (len(shots) + 5) + "|",
+    ]
+    for m in METHODS:
+        if m not in runs:
+            continue
+        rows = [r for r in runs[m]["rows"] if r["protocol"] == "category"]
+        by_k = {k: [r for r in rows if r["shots"] == k] for k in shots}
+        last = by_k[max(shots)] or rows
+        cells = [
+            _cell(by_k[k], "novel_AP50") if by_k[k] else ("–" if m != "upper" else _cell(rows, "novel_AP50"))
+            for k in shots
+        ]
+        t = runs[m]["train_s"]
+        out.append(
+            f"| {LABELS[m]} | "
+            + " | ".join(cells)
+            + f" | {_cell(last, 'novel_AP50-95')} | {_cell(last, 'base_AP50')} | {_cell(last, 'fp_per_img')} | "
+            + (f"{t / 60:.0f} min |" if t else "0 |")
+        )
+    inst = [(m, [r for r in runs[m]["rows"] if r["protocol"] == "instance"]) for m in METHODS if m in runs]
+    inst = [(m, r) for m, r in inst if r]
+    if inst:
+        out += [
+            "",
+            "Instance 1-shot (every novel-category stamp is a class; look-alikes from its folder)",
+            "",
+            "| method | AP50 | AP50-95 | FP/img |",
+            "|---|---|---|---|",
+        ]
+        out += [
+            f"| {LABELS[m]} | {_cell(r, 'novel_AP50')} | {_cell(r, 'novel_AP50-95')} | {_cell(r, 'fp_per_img')} |"
+            for m, r in inst
+        ]
+    out += [
+        "",
+        f"Settings: {json.dumps({k: v for k, v in s.items() if k != 'hardware'})}",
+        f"Hardware: {s.get('hardware')}",
+    ]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fold", type=int, default=0)
+    ap.add_argument("--data", type=Path, default=ROOT / "data" / "stamps", help="folder of the foldN*.yaml files")
+    ap.add_argument("--out", type=Path, default=Path("runs/benchmark"))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--encoder", default="efficientnet-lite0")
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--ft-epochs", type=int, default=10)
+    ap.add_argument("--imgsz", type=int, default=320)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--n-way", type=int, default=2)
+    ap.add_argument("--shots", default="1,3,5")
+    ap.add_argument("--ft-shots", default="5", help="K values of the fine-tune methods (each is a training run)")
+    ap.add_argument("--seeds", type=int, default=2, help="reference draws per K")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--window-size", type=int, default=128, help="crop side of the cosine baseline's windows")
+    a = ap.parse_args(argv)
+    import yolo_fewshot  # noqa: F401  (offline defaults, layer registration)
+
+    try:
+        b = Bench(a)
+    except FileNotFoundError as e:
+        print(f"run_benchmark: error: {e}", file=sys.stderr)
+        return 2
+    run = {
+        "cosine": run_cosine,
+        "psalm": lambda b: run_ours(b, "psalm"),
+        "cheaf": lambda b: run_ours(b, "cheaf"),
+        "psalm-ft": run_psalm_ft,
+        "yolo-ft": run_yolo_ft,
+        "upper": run_upper,
+    }
+    for m in METHODS:
+        if m in a.methods:
+            t0 = time.perf_counter()
+            run[m](b)
+            print(f"run_benchmark: {m} done in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
+    print(f"results: {b.out / 'results.md'} and {b.file}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Methods the benchmark compares against (no training or plain Ultralytics)."""
