@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -81,6 +82,11 @@ def score(dets: list[dict], gt: dict, objects: dict, base: list[int], novel: lis
         out[f"{part}_AP50"], out[f"{part}_AP50-95"] = ap50, ap
     out["fp_per_img"] = fp_on_distractors(dets, objects)
     return out
+
+
+def load_dets(path: Path) -> list[dict]:
+    """A validator's COCO predictions; Ultralytics writes no file when there is no detection at all."""
+    return json.loads(path.read_text()) if path.is_file() else []
 
 
 class Bench:
@@ -236,6 +242,7 @@ def _fewshot_eval(b: Bench, weights: Path, tag: str, instance: bool = True) -> l
         if protocol == "instance" and not instance:
             continue
         name = f"{tag}-val-{protocol}"
+        shutil.rmtree(b.out / name, ignore_errors=True)  # no stale predictions files from an earlier run
         FewShotYOLO(str(weights)).val(
             data=str(data),
             shots=shots,
@@ -261,7 +268,7 @@ def _fewshot_eval(b: Bench, weights: Path, tag: str, instance: bool = True) -> l
                         else "predictions.json"
                     )
                 )
-                dets = json.loads(f.read_text())
+                dets = load_dets(f)
                 rows.append(b.category(dets, k, seed) if protocol == "category" else b.instance(dets, seed))
     return rows
 
@@ -341,6 +348,7 @@ def run_psalm_ft(b: Bench) -> None:
                 )
             t_total += time.perf_counter() - t0
             name = f"{tag}-val"
+            shutil.rmtree(b.out / name, ignore_errors=True)
             FewShotYOLO(str(w)).val(
                 data=str(b.yaml),
                 shots=str(k),
@@ -355,7 +363,7 @@ def run_psalm_ft(b: Bench) -> None:
                 encoder=b.a.encoder,
                 workers=0,
             )
-            rows.append(b.category(json.loads((b.out / name / "predictions.json").read_text()), k, seed))
+            rows.append(b.category(load_dets(b.out / name / "predictions.json"), k, seed))
     b.record("psalm-ft", rows, t_total)
 
 
@@ -384,6 +392,7 @@ def _plain_val(b: Bench, tag: str) -> list[dict]:
     from ultralytics import YOLO
 
     name = f"{tag}-val"
+    shutil.rmtree(b.out / name, ignore_errors=True)
     YOLO(str(b.out / tag / "weights" / "last.pt")).val(
         data=str(b.yaml),
         imgsz=b.a.imgsz,
@@ -395,7 +404,7 @@ def _plain_val(b: Bench, tag: str) -> list[dict]:
         exist_ok=True,
         workers=0,
     )
-    return json.loads((b.out / name / "predictions.json").read_text())
+    return load_dets(b.out / name / "predictions.json")
 
 
 def run_yolo_ft(b: Bench) -> None:

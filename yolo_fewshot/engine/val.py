@@ -179,6 +179,7 @@ class FewShotValidator(DetectionValidator):
                     stats = super().__call__(trainer, model)
                     self.results.append({"shots": k, "seed": seed, **self.split_metrics(), **self.coco_stats})
             self.print_fewshot_summary()
+            self.metrics.fewshot = list(self.results)  # per draw, for API users: FewShotYOLO.val(...).fewshot
             return stats
         finally:
             self.restore_model()
