@@ -18,6 +18,7 @@ USAGE = """\
 usage: yolo-fewshot MODE [key=value ...]
 
 modes:
+  demo       the whole path on real photos, ~10 min on 2 CPU cores -> runs/demo/   yolo-fewshot demo
   info       print the model summary            yolo-fewshot info model=yolov8n-psalm-p2.yaml
              (any mode: encoder=efficientnet-lite0 picks the support encoder, refs=dir/ or refs=bank.safetensors
               sets the reference classes: dir/<class name>/*.jpg, optional dir/refs.yaml for boxes and negatives)
@@ -30,7 +31,7 @@ modes:
 
 Every key Ultralytics' `yolo` accepts works here too (see `yolo cfg`)."""
 
-MODES = ("info", "train", "val", "predict", "export", "track", "benchmark")
+MODES = ("demo", "info", "train", "val", "predict", "export", "track", "benchmark")
 PLUGIN_KEYS: dict[str, Any] = PLUGIN_DEFAULTS  # encoder=, refs=, n_way=, k_max=, shots=, seeds=, ... (engine/cfg.py)
 
 
@@ -47,6 +48,13 @@ def parse_args(args: Sequence[str]) -> tuple[str, dict[str, Any]]:
     mode, rest = args[0], merge_equals_args(list(args[1:]))
     if mode not in MODES:
         raise UsageError(f"unknown mode '{mode}'; choose one of {', '.join(MODES)}")
+    if mode == "demo":
+        from .demo import DEFAULTS
+
+        extra = [a for a in rest if "=" not in a or a.split("=", 1)[0] not in DEFAULTS]
+        if extra:
+            raise UsageError(f"demo takes only {', '.join(f'{k}=' for k in DEFAULTS)}; got '{extra[0]}'")
+        return mode, {k: _typed(v) for k, v in (a.split("=", 1) for a in rest)}
     overrides: dict[str, Any] = {}
     for a in rest:
         if "=" not in a:
@@ -98,8 +106,23 @@ def run_onnx(mode: str, overrides: dict[str, Any]) -> Any:
     return results
 
 
+def _typed(v: str) -> Any:
+    """``"12"`` -> 12, ``"yes"`` stays a string (Ultralytics' value parsing)."""
+    from ultralytics.cfg import smart_value
+
+    return smart_value(v)
+
+
 def run(mode: str, overrides: dict[str, Any]) -> Any:
     """Execute one parsed command."""
+    if mode == "demo":
+        from .data.debian import FetchError
+        from .demo import run_demo
+
+        try:
+            return run_demo(**overrides)
+        except FetchError as e:
+            raise UsageError(str(e)) from None
     from .runtime.onnx import is_dynamic_export
 
     if is_dynamic_export(str(overrides.get("model", ""))):

@@ -22,11 +22,11 @@ import cv2
 import numpy as np
 
 DEFAULTS: dict[str, Any] = {
-    "epochs": 12,
+    "epochs": 8,
     "imgsz": 256,
     "batch": 16,
     "n_way": 2,
-    "n_train": 320,
+    "n_train": 240,
     "n_val": 48,
     "shots": "1,3",
     "project": "runs",
@@ -47,11 +47,13 @@ def run_demo(**overrides: Any) -> Path:
     """Run the demo (see module docstring); returns the output folder. ``overrides``: keys of :data:`DEFAULTS`."""
     from . import FewShotYOLO
     from .data.benchmark import build_fold, load_sources
+    from .engine.cfg import parse_shots
 
     unknown = sorted(set(overrides) - set(DEFAULTS))
     if unknown:
         raise ValueError(f"demo does not take {unknown}; it takes {', '.join(DEFAULTS)}")
     cfg = {**DEFAULTS, **overrides}
+    cfg["shots"] = ",".join(str(k) for k in parse_shots(cfg["shots"]))
     out = (Path(cfg["project"]) / cfg["name"]).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -113,9 +115,9 @@ def run_demo(**overrides: Any) -> Path:
 def _novel_refs_and_scenes(data_dir: Path, refs_dir: Path, k: int, n_scenes: int) -> tuple[Path, list[Path]]:
     """A reference folder (``<class>/*.jpg``: K clean photos per novel class, cropped to the object) and held-out
     val scenes that contain novel objects."""
-    from .data.split import FewShotSplit
-
     import yaml as pyyaml
+
+    from .data.split import FewShotSplit
 
     data = pyyaml.safe_load((data_dir / "fold0.yaml").read_text())
     split = FewShotSplit.from_data(data)

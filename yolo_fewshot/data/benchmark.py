@@ -55,10 +55,13 @@ flags and seasonal clip-art excluded), reviewed by eye. Columns: path under usr/
 
 
 def manifest_dir() -> Path:
-    """Where the committed manifests are: the source tree's ``data/`` or the installed ``yolo_fewshot.assets``."""
-    from .. import assets
-
-    return Path(assets.__file__).parent / "manifests"
+    """Where the committed manifests are: the installed ``yolo_fewshot/assets`` (package data mapped from the
+    repository's ``data/``), or ``data/`` itself in a source checkout."""
+    pkg = Path(__file__).resolve().parents[1]
+    for d in (pkg / "assets" / "manifests", pkg.parent / "data" / "manifests"):
+        if d.is_dir():
+            return d
+    raise FileNotFoundError(f"benchmark manifests not found under {pkg}; reinstall the package")
 
 
 # -- manifests ---------------------------------------------------------------------------------------------------------
