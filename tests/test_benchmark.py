@@ -69,7 +69,8 @@ def test_class_rule_merges_small_folders_up():
 
 def test_photographic_heuristic():
     rng = np.random.default_rng(0)
-    photo = np.dstack([cv2.GaussianBlur(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), (0, 0), 1), np.full((64, 64), 255, np.uint8)])
+    rgb = cv2.GaussianBlur(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), (0, 0), 1)
+    photo = np.dstack([rgb, np.full((64, 64), 255, np.uint8)])
     drawing = np.zeros((64, 64, 4), np.uint8)
     drawing[..., 0], drawing[..., 3] = 200, 255  # one flat colour
     assert bm.is_photographic(photo) and not bm.is_photographic(drawing)
@@ -85,7 +86,7 @@ def test_fetch_without_apt_is_one_clear_line(tmp_path, monkeypatch):
     assert fetch_debian("pkg", tmp_path) == tmp_path / "pkg"  # extracted once: reused without apt
 
 
-# -- composition ---------------------------------------------------------------------------------------------------------
+# -- composition -------------------------------------------------------------------------------------------------
 def _blob(rng, colour, size=60) -> np.ndarray:
     """A textured ellipse cut-out (RGBA uint8)."""
     im = np.zeros((size, int(size * 0.8), 4), np.uint8)

@@ -68,13 +68,16 @@ def run_demo(**overrides: Any) -> Path:
     timing["data_s"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    weights = out / "train" / "weights" / "last.pt"
-    if not weights.is_file():
+    weights, done = out / "train" / "weights" / "last.pt", out / "train" / ".complete"
+    if weights.is_file() and not done.is_file():  # an interrupted demo: continue its training, do not start over
+        FewShotYOLO(str(weights)).train(resume=True)
+    elif not done.is_file():
         FewShotYOLO(cfg["model"], encoder=cfg["encoder"]).train(
             data=str(yaml), epochs=cfg["epochs"], imgsz=cfg["imgsz"], batch=cfg["batch"], n_way=cfg["n_way"],
             project=str(out), name="train", exist_ok=True, workers=cfg["workers"], seed=0, plots=False,
             shots=str(cfg["shots"]).split(",")[-1], seeds=1,
         )  # fmt: skip
+    done.touch()
     timing["train_s"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
