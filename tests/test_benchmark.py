@@ -248,3 +248,12 @@ def test_trainer_refuses_all_novel_without_finetune(tmp_path):
     with pytest.raises(ValueError, match="every class is listed as novel"):
         FewShotTrainer(overrides={"model": "yolov8n-psalm-p2.yaml", "data": str(y), "project": str(tmp_path)})
     assert os.path.isfile(y)
+
+
+def test_tools_fail_with_one_line(tmp_path, capsys):
+    assert _tool("make_benchmark").main(["--folds", "7"]) == 2
+    assert "unknown fold [7]" in capsys.readouterr().err
+    assert _tool("run_benchmark").main(["--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "fold0.yaml not found; generate it first: python tools/make_benchmark.py --folds 0" in err
+    assert "\n" not in err

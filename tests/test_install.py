@@ -66,4 +66,17 @@ def test_setup_cfg_lists_every_subpackage():
     cfg.read(REPO / "setup.cfg")
     listed = {p.strip() for p in cfg["options"]["packages"].split() if p.strip()}
     found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "yolo_fewshot").rglob("__init__.py")}
-    assert found | {"yolo_fewshot.cfg"} == listed
+    assert found | {"yolo_fewshot.cfg", "yolo_fewshot.assets"} == listed  # the two mapped from cfg/ and data/
+
+
+def test_installed_package_ships_the_benchmark_manifests(tmp_path):
+    if not _installed_outside_source(tmp_path):
+        pytest.skip("yolo_fewshot is not installed non-editable (run the README's test command)")
+    code = "from yolo_fewshot.data import benchmark as b; print(len(b.load_stamps()), b.manifest_dir())"
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
+        env={**os.environ, "PYTHONPATH": ""},
+    )  # fmt: skip
+    n, where = r.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert int(n) == len((REPO / "data/manifests/tuxpaint-stamps.tsv").read_text().splitlines()) - 4  # minus header
+    assert not where.startswith(str(REPO)) and where.endswith("assets/manifests")
