@@ -233,44 +233,37 @@ def run_cosine(b: Bench) -> None:
     print(f"cosine: {time.perf_counter() - t0:.0f} s")
 
 
-def _fewshot_eval(b: Bench, weights: Path, tag: str, instance: bool = True) -> list[dict]:
-    """Our validator with seeded K-shot draws; every draw's predictions scored by :func:`score`."""
+def _fewshot_val(b: Bench, weights: Path, data: Path, shots: str, seeds: int, name: str) -> dict[tuple, list]:
+    """Our validator with seeded K-shot draws; returns each draw's COCO predictions by ``(K, seed)``."""
     from yolo_fewshot import FewShotYOLO
 
-    rows = []
-    for data, shots, protocol in ((b.yaml, b.a.shots, "category"), (b.iyaml, "1", "instance")):
-        if protocol == "instance" and not instance:
-            continue
-        name = f"{tag}-val-{protocol}"
-        shutil.rmtree(b.out / name, ignore_errors=True)  # no stale predictions files from an earlier run
-        FewShotYOLO(str(weights)).val(
-            data=str(data),
-            shots=shots,
-            seeds=b.a.seeds,
-            imgsz=b.a.imgsz,
-            batch=b.a.batch,
-            save_json=True,
-            plots=False,
-            project=str(b.out),
-            name=name,
-            exist_ok=True,
-            encoder=b.a.encoder,
-            workers=0,
-        )
-        for k in [int(s) for s in shots.split(",")]:
-            for seed in range(b.a.seeds):
-                f = (
-                    b.out
-                    / name
-                    / (
-                        f"predictions_{k}shot_seed{seed}.json"
-                        if len(shots.split(",")) * b.a.seeds > 1
-                        else "predictions.json"
-                    )
-                )
-                dets = load_dets(f)
-                rows.append(b.category(dets, k, seed) if protocol == "category" else b.instance(dets, seed))
-    return rows
+    shutil.rmtree(b.out / name, ignore_errors=True)  # no stale predictions files from an earlier run
+    FewShotYOLO(str(weights)).val(
+        data=str(data), shots=shots, seeds=seeds, imgsz=b.a.imgsz, batch=b.a.batch, save_json=True, plots=False,
+        project=str(b.out), name=name, exist_ok=True, encoder=b.a.encoder, workers=0,
+    )  # fmt: skip
+    ks = [int(s) for s in shots.split(",")]
+    many = len(ks) * seeds > 1  # the validator keeps one file per draw only when there are several
+    return {
+        (k, seed): load_dets(b.out / name / (f"predictions_{k}shot_seed{seed}.json" if many else "predictions.json"))
+        for k in ks
+        for seed in range(seeds)
+    }
+
+
+def _fewshot_eval(b: Bench, weights: Path, tag: str) -> list[dict]:
+    """Both protocols for a trained few-shot model, every draw scored by :func:`score`."""
+    cat = _fewshot_val(b, weights, b.yaml, b.a.shots, b.a.seeds, f"{tag}-val-category")
+    inst = _fewshot_val(b, weights, b.iyaml, "1", b.a.seeds, f"{tag}-val-instance")
+    return [b.category(d, k, seed) for (k, seed), d in cat.items()] + [
+        b.instance(d, seed) for (_, seed), d in inst.items()
+    ]
+
+
+def _run_args(b: Bench, tag: str) -> dict:
+    """Training settings every method shares (the run lands in ``<out>/<tag>``)."""
+    return dict(imgsz=b.a.imgsz, batch=b.a.batch, project=str(b.out), name=tag, exist_ok=True, plots=False,
+                workers=b.a.workers)  # fmt: skip
 
 
 def _train_fewshot(b: Bench, cfg: str, tag: str) -> tuple[Path, float]:
@@ -280,20 +273,9 @@ def _train_fewshot(b: Bench, cfg: str, tag: str) -> tuple[Path, float]:
     t0 = time.perf_counter()
     if not best.is_file():
         FewShotYOLO(cfg, encoder=b.a.encoder).train(
-            data=str(b.yaml),
-            epochs=b.a.epochs,
-            imgsz=b.a.imgsz,
-            batch=b.a.batch,
-            n_way=b.a.n_way,
-            project=str(b.out),
-            name=tag,
-            exist_ok=True,
-            plots=False,
-            workers=b.a.workers,
-            seed=0,
-            shots=str(max(b.shots)),
-            seeds=1,
-        )
+            data=str(b.yaml), epochs=b.a.epochs, n_way=b.a.n_way, seed=0, shots=str(max(b.shots)), seeds=1,
+            **_run_args(b, tag),
+        )  # fmt: skip
     return best, time.perf_counter() - t0
 
 
@@ -330,40 +312,12 @@ def run_psalm_ft(b: Bench) -> None:
             w = b.out / tag / "weights" / "last.pt"
             if not w.is_file():
                 FewShotYOLO(str(base), encoder=b.a.encoder).train(
-                    data=str(_kshot_yaml(b, k, seed)),
-                    finetune=True,
-                    shots=str(k),
-                    seeds=1,
-                    epochs=b.a.ft_epochs,
-                    imgsz=b.a.imgsz,
-                    batch=b.a.batch,
-                    n_way=b.a.n_way,
-                    project=str(b.out),
-                    name=tag,
-                    exist_ok=True,
-                    plots=False,
-                    workers=b.a.workers,
-                    seed=seed,
-                    val=False,
-                )
+                    data=str(_kshot_yaml(b, k, seed)), finetune=True, shots=str(k), seeds=1, epochs=b.a.ft_epochs,
+                    n_way=b.a.n_way, seed=seed, val=False, **_run_args(b, tag),
+                )  # fmt: skip
             t_total += time.perf_counter() - t0
-            name = f"{tag}-val"
-            shutil.rmtree(b.out / name, ignore_errors=True)
-            FewShotYOLO(str(w)).val(
-                data=str(b.yaml),
-                shots=str(k),
-                seeds=1,
-                imgsz=b.a.imgsz,
-                batch=b.a.batch,
-                save_json=True,
-                plots=False,
-                project=str(b.out),
-                name=name,
-                exist_ok=True,
-                encoder=b.a.encoder,
-                workers=0,
-            )
-            rows.append(b.category(load_dets(b.out / name / "predictions.json"), k, seed))
+            dets = _fewshot_val(b, w, b.yaml, str(k), 1, f"{tag}-val")[(k, 0)]
+            rows.append(b.category(dets, k, seed))
     b.record("psalm-ft", rows, t_total)
 
 
@@ -372,19 +326,7 @@ def _plain_train(b: Bench, data: str | Path, tag: str, epochs: int, weights: str
 
     t0 = time.perf_counter()
     if not (b.out / tag / "weights" / "last.pt").is_file():
-        YOLO(weights).train(
-            data=str(data),
-            epochs=epochs,
-            imgsz=b.a.imgsz,
-            batch=b.a.batch,
-            project=str(b.out),
-            name=tag,
-            exist_ok=True,
-            plots=False,
-            workers=b.a.workers,
-            seed=0,
-            **kw,
-        )
+        YOLO(weights).train(data=str(data), epochs=epochs, seed=0, **_run_args(b, tag), **kw)
     return time.perf_counter() - t0
 
 
