@@ -393,3 +393,14 @@ def unwrap(m):
     from ultralytics.utils.torch_utils import unwrap_model
 
     return unwrap_model(m)
+
+
+def test_training_finished_tells_ended_runs_from_interrupted_ones(trained, tmp_path):
+    from yolo_fewshot.engine.train import training_finished
+
+    _, run = trained
+    assert training_finished(run / "weights" / "last.pt")
+    ckpt = torch.load(run / "weights" / "last.pt", map_location="cpu", weights_only=False)
+    ckpt["epoch"] = 0  # what a checkpoint written mid-training holds
+    torch.save(ckpt, tmp_path / "mid.pt")
+    assert not training_finished(tmp_path / "mid.pt") and not training_finished(tmp_path / "missing.pt")

@@ -260,6 +260,12 @@ def _fewshot_eval(b: Bench, weights: Path, tag: str) -> list[dict]:
     ]
 
 
+def training_finished(last: Path) -> bool:
+    from yolo_fewshot.engine.train import training_finished as finished
+
+    return finished(last)
+
+
 def _run_args(b: Bench, tag: str) -> dict:
     """Training settings every method shares (the run lands in ``<out>/<tag>``)."""
     return dict(imgsz=b.a.imgsz, batch=b.a.batch, project=str(b.out), name=tag, exist_ok=True, plots=False,
@@ -271,10 +277,12 @@ def _train_fewshot(b: Bench, cfg: str, tag: str) -> tuple[Path, float]:
 
     best = b.out / tag / "weights" / "last.pt"
     t0 = time.perf_counter()
-    if not best.is_file():
+    if best.is_file() and not training_finished(best):
+        FewShotYOLO(str(best)).train(resume=True)
+    elif not best.is_file():
         FewShotYOLO(cfg, encoder=b.a.encoder).train(
             data=str(b.yaml), epochs=b.a.epochs, n_way=b.a.n_way, seed=0, shots=str(max(b.shots)), seeds=1,
-            **_run_args(b, tag),
+            val=False, **_run_args(b, tag),
         )  # fmt: skip
     return best, time.perf_counter() - t0
 
@@ -310,7 +318,9 @@ def run_psalm_ft(b: Bench) -> None:
             tag = f"psalm-ft-{k}shot-seed{seed}"
             t0 = time.perf_counter()
             w = b.out / tag / "weights" / "last.pt"
-            if not w.is_file():
+            if w.is_file() and not training_finished(w):
+                FewShotYOLO(str(w)).train(resume=True)
+            elif not w.is_file():
                 FewShotYOLO(str(base), encoder=b.a.encoder).train(
                     data=str(_kshot_yaml(b, k, seed)), finetune=True, shots=str(k), seeds=1, epochs=b.a.ft_epochs,
                     n_way=b.a.n_way, seed=seed, val=False, **_run_args(b, tag),
@@ -325,8 +335,11 @@ def _plain_train(b: Bench, data: str | Path, tag: str, epochs: int, weights: str
     from ultralytics import YOLO
 
     t0 = time.perf_counter()
-    if not (b.out / tag / "weights" / "last.pt").is_file():
-        YOLO(weights).train(data=str(data), epochs=epochs, seed=0, **_run_args(b, tag), **kw)
+    last = b.out / tag / "weights" / "last.pt"
+    if last.is_file() and not training_finished(last):
+        YOLO(str(last)).train(resume=True)
+    elif not last.is_file():
+        YOLO(weights).train(data=str(data), epochs=epochs, seed=0, val=False, **_run_args(b, tag), **kw)
     return time.perf_counter() - t0
 
 
@@ -355,9 +368,7 @@ def run_yolo_ft(b: Bench) -> None:
     for k in [int(s) for s in b.a.ft_shots.split(",")]:
         for seed in range(b.a.seeds):
             tag = f"yolo-ft-{k}shot-seed{seed}"
-            t += _plain_train(
-                b, _kshot_yaml(b, k, seed), tag, b.a.ft_epochs, str(b.out / "yolo-base/weights/last.pt"), val=False
-            )
+            t += _plain_train(b, _kshot_yaml(b, k, seed), tag, b.a.ft_epochs, str(b.out / "yolo-base/weights/last.pt"))
             rows.append(b.category(_plain_val(b, tag), k, seed))
     b.record("yolo-ft", rows, t)
 

@@ -48,6 +48,7 @@ def run_demo(**overrides: Any) -> Path:
     from . import FewShotYOLO
     from .data.benchmark import build_fold, load_sources
     from .engine.cfg import parse_shots
+    from .engine.train import training_finished
 
     unknown = sorted(set(overrides) - set(DEFAULTS))
     if unknown:
@@ -68,16 +69,15 @@ def run_demo(**overrides: Any) -> Path:
     timing["data_s"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    weights, done = out / "train" / "weights" / "last.pt", out / "train" / ".complete"
-    if weights.is_file() and not done.is_file():  # an interrupted demo: continue its training, do not start over
+    weights = out / "train" / "weights" / "last.pt"
+    if weights.is_file() and not training_finished(weights):  # an interrupted demo: continue, do not start over
         FewShotYOLO(str(weights)).train(resume=True)
-    elif not done.is_file():
+    elif not weights.is_file():
         FewShotYOLO(cfg["model"], encoder=cfg["encoder"]).train(
             data=str(yaml), epochs=cfg["epochs"], imgsz=cfg["imgsz"], batch=cfg["batch"], n_way=cfg["n_way"],
             project=str(out), name="train", exist_ok=True, workers=cfg["workers"], seed=0, plots=False,
-            shots=str(cfg["shots"]).split(",")[-1], seeds=1,
+            shots=str(cfg["shots"]).split(",")[-1], seeds=1, val=False,  # validated once below, with every K
         )  # fmt: skip
-    done.touch()
     timing["train_s"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()

@@ -41,6 +41,14 @@ class AtomicPath(type(Path())):
         return n
 
 
+def training_finished(last: str | Path) -> bool:
+    """Whether ``last.pt`` is from a run that ended (Ultralytics strips the optimizer and sets ``epoch=-1`` then);
+    False for a missing file or an interrupted run, which ``resume=True`` continues."""
+    if not Path(last).is_file():
+        return False
+    return torch.load(last, map_location="cpu", weights_only=False).get("epoch") == -1
+
+
 def cache_dir(args: Any, data: dict) -> Path:
     """Embedding cache location: ``fewshot_cache=`` or ``<dataset root>/.yolo_fewshot_cache``."""
     return Path(args.fewshot_cache or Path(data.get("path") or Path(data["train"]).parent) / ".yolo_fewshot_cache")
