@@ -34,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "encoder": "efficientnet-lite0",
     "model": "yolov8n-psalm-p2.yaml",
     "workers": 2,
+    "conf": 0.25,  # score threshold of the saved predictions
 }
 REF_SHOTS = 3  # reference photos per novel class for the predictions
 
@@ -94,7 +95,7 @@ def run_demo(**overrides: Any) -> Path:
     pred_dir = out / "predictions"
     shutil.rmtree(pred_dir, ignore_errors=True)
     results = model.predict(
-        [str(s) for s in scenes], refs=str(refs), imgsz=cfg["imgsz"], conf=0.25, save=True,
+        [str(s) for s in scenes], refs=str(refs), imgsz=cfg["imgsz"], conf=cfg["conf"], save=True,
         project=str(out), name="predictions", exist_ok=True, verbose=False,
     )  # fmt: skip
     found = [
@@ -182,8 +183,8 @@ def _markdown(report: dict) -> str:
     n_det = sum(len(p["detections"]) for p in report["predictions"])
     lines += [
         "",
-        f"Predictions: {n_det} detections (conf >= 0.25) of the novel classes in {len(report['predictions'])} held-out "
-        f"scenes, from {REF_SHOTS} reference photos per class.",
+        f"Predictions: {n_det} detections (conf >= {report['settings']['conf']}) of the novel classes in "
+        f"{len(report['predictions'])} held-out scenes, from {REF_SHOTS} reference photos per class.",
         f"Time: data {t['data_s']:.0f} s, training {t['train_s'] / 60:.1f} min, validation {t['val_s']:.0f} s, "
         f"predictions {t['predict_s']:.0f} s; total {t['total_s'] / 60:.1f} min.",
     ]
