@@ -404,3 +404,14 @@ def test_training_finished_tells_ended_runs_from_interrupted_ones(trained, tmp_p
     ckpt["epoch"] = 0  # what a checkpoint written mid-training holds
     torch.save(ckpt, tmp_path / "mid.pt")
     assert not training_finished(tmp_path / "mid.pt") and not training_finished(tmp_path / "missing.pt")
+
+
+def test_support_split_is_a_split_key_or_a_folder(tmp_path):
+    (tmp_path / "refs").mkdir()
+    names = {0: "cup", 1: "cat"}
+    by_key = FewShotSplit.from_data({"names": names, "support": "val"})
+    assert by_key.support_source({"path": str(tmp_path), "val": "/data/val"}) == "/data/val"
+    by_path = FewShotSplit.from_data({"names": names, "support": "refs"})
+    assert by_path.support_source({"path": str(tmp_path)}) == str(tmp_path / "refs")
+    with pytest.raises(FileNotFoundError, match="support: nope is neither a split of the data YAML nor an existing"):
+        FewShotSplit.from_data({"names": names, "support": "nope"}).support_source({"path": str(tmp_path)})
