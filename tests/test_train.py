@@ -276,6 +276,13 @@ def test_val_save_json_writes_coco_files_and_scores_them(trained, dataset, tmp_p
     gt = json.loads((run / "annotations.json").read_text())
     preds = json.loads((run / "predictions.json").read_text())
     assert len(gt["images"]) == 8 and {c["name"] for c in gt["categories"]} == {"cup", "cat", "face", "rocket"}
+    # every class's labels are evaluated, not only those of the model's own names (one: "object"), which is what
+    # Ultralytics' standalone validator keeps unless told otherwise
+    n_labels = sum(len(f.read_text().split()) // 5 for f in (dataset.parent / "labels" / "val").glob("*.txt"))
+    assert len(gt["annotations"]) == n_labels == int(v.metrics.nt_per_class.sum())
+    assert len({a["category_id"] for a in gt["annotations"]}) > 1
+    for seed in (0, 1):  # one predictions file per reference draw
+        assert (run / f"predictions_2shot_seed{seed}.json").is_file()
     assert all({"image_id", "category_id", "bbox", "score"} <= set(p) for p in preds)
 
 

@@ -76,6 +76,14 @@ class FewShotValidator(DetectionValidator):
             self.table = source.encoded(joint) if joint is not None else source
         self._prepare_draw()
 
+    def get_dataloader(self, dataset_path: str, batch_size: int):
+        """Ultralytics' dataloader, for every class of the data YAML. Standalone, Ultralytics drops the labels of
+        classes beyond the model's own names — for a few-shot model those are its current references (often one),
+        while validation evaluates every class of the data YAML with references drawn from the support split."""
+        self.split = self.split or FewShotSplit.from_data(self.data)
+        self.names = dict(self.split.names)
+        return super().get_dataloader(dataset_path, batch_size)
+
     def _build_table(self, joint=None) -> InstanceTable:
         """The support split's instances: cached embeddings (frozen encoder) or crops (trainable encoder)."""
         from ultralytics.data import build_yolo_dataset
