@@ -20,11 +20,43 @@ SCALES = "nslmx"
 SOURCE_ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # the tree under test
 
 
+V8_YAMLS = [y for y in YAMLS if "lite" not in y]  # YOLOv8 backbone; the pretrained-backbone YAML has its own test
+
+
 def test_shipped_yamls():
-    assert set(YAMLS) == {"yolov8-psalm-p2.yaml", "yolov8-cheaf-p2.yaml", "yolov8-psalm.yaml", "yolov8-cheaf.yaml"}
+    assert set(YAMLS) == {
+        "yolov8-psalm-p2.yaml",
+        "yolov8-cheaf-p2.yaml",
+        "yolov8-psalm.yaml",
+        "yolov8-cheaf.yaml",
+        "yolov8-lite0-psalm-p2.yaml",
+    }
 
 
-@pytest.mark.parametrize("yaml", YAMLS)
+@pytest.mark.parametrize("scale", "ns")
+def test_lite_backbone_yaml_starts_from_the_imagenet_weights(scale):
+    from yolo_fewshot.encoders.efficientnet_lite import weights_path
+    from yolo_fewshot.nn.lite_backbone import LiteBackbone
+
+    fs = FewShotYOLO(f"yolov8{scale}-lite0-psalm-p2.yaml")
+    model = fs.model
+    assert model.stride.tolist() == [4.0, 8.0, 16.0, 32.0] and fs.encoder_name == "efficientnet-lite0"
+    backbone = model.model[0]
+    assert isinstance(backbone, LiteBackbone)
+    pretrained = torch.load(weights_path("efficientnet-lite0"), map_location="cpu", weights_only=True)
+    own = backbone.net.state_dict()
+    shared = [k for k in pretrained if k in own]
+    assert len(shared) > 200 and all(torch.equal(own[k], pretrained[k]) for k in shared)  # not re-initialised
+    neck = next(m for m in model.model if isinstance(m, FusionNeck))
+    assert neck.c_in == [24, 40, 112, 320] and neck.proto_dims == [24, 40, 112, 320]
+    fs.set_prototypes(_protos(2, dims=(24, 40, 112, 320)), ["cat", "cup"])
+    y, _ = model.eval()(torch.rand(1, 3, 128, 96))
+    assert y.shape[:2] == (1, 4 + 2)
+    with pytest.raises(ValueError, match="LiteBackbone 'resnet50' is not one of"):
+        LiteBackbone.yaml_build([3], ["resnet50"], {})
+
+
+@pytest.mark.parametrize("yaml", V8_YAMLS)
 @pytest.mark.parametrize("scale", SCALES)
 def test_every_yaml_and_scale_builds_with_right_channels_and_strides(yaml, scale):
     name = yaml.replace("yolov8", f"yolov8{scale}")

@@ -422,3 +422,21 @@ def test_support_split_is_a_split_key_or_a_folder(tmp_path):
     assert by_path.support_source({"path": str(tmp_path)}) == str(tmp_path / "refs")
     with pytest.raises(FileNotFoundError, match="support: nope is neither a split of the data YAML nor an existing"):
         FewShotSplit.from_data({"names": names, "support": "nope"}).support_source({"path": str(tmp_path)})
+
+
+def test_trainer_sets_proto_dims_from_the_encoder_even_when_the_yaml_names_it(dataset, tmp_path):
+    """A YAML naming encoder X with another encoder's proto_dims is configured for X (it crashed at the first step)."""
+    from yolo_fewshot.configs import load_model_yaml
+    from yolo_fewshot.engine.train import FewShotTrainer
+    from yolo_fewshot.nn.fusion_neck import FusionNeck
+
+    text = (REPO / "cfg" / "models" / "yolov8-psalm-p2.yaml").read_text()
+    text = text.replace("encoder: hf:facebook/dinov2-small", "encoder: efficientnet-lite0")
+    assert "encoder: efficientnet-lite0" in text and "proto_dims: 384" in text
+    y = tmp_path / "yolov8n-mine-p2.yaml"
+    y.write_text(text)
+    t = FewShotTrainer(overrides={"model": str(y), "data": str(dataset), "encoder": "efficientnet-lite0",
+                                  "project": str(tmp_path)})  # fmt: skip
+    model = t.get_model(cfg=load_model_yaml(str(y)), verbose=False)
+    neck = next(m for m in model.model if isinstance(m, FusionNeck))
+    assert neck.proto_dims == [24, 40, 112, 320]

@@ -98,10 +98,11 @@ def layers() -> dict[str, type]:
     """The layer classes YAML rows may name."""
     from .nn.cheaf import CHEAF
     from .nn.head import FewShotDetect
+    from .nn.lite_backbone import LiteBackbone
     from .nn.psalm import PSALM
     from .nn.select import Select
 
-    return {c.__name__: c for c in (CHEAF, PSALM, Select, FewShotDetect)}
+    return {c.__name__: c for c in (CHEAF, PSALM, Select, FewShotDetect, LiteBackbone)}
 
 
 def register() -> None:

@@ -93,7 +93,9 @@ class FewShotTrainer(DetectionTrainer):
     # -- model -----------------------------------------------------------------------------------------------------
     def get_model(self, cfg=None, weights=None, verbose: bool = True) -> FewShotDetectionModel:
         cfg = load_model_yaml(cfg) if not isinstance(cfg, dict) else cfg
-        if self.args.encoder and self.args.encoder != cfg.get("encoder"):
+        # configure unless the YAML already is (a checkpoint's YAML has its encoder_spec): a plain YAML naming this same
+        # encoder may still carry another encoder's proto_dims
+        if self.args.encoder and (self.args.encoder != cfg.get("encoder") or "encoder_spec" not in cfg):
             self._encoder = configure_model_yaml(cfg, self.args.encoder)
         model = FewShotDetectionModel(cfg, ch=self.data["channels"], verbose=verbose and RANK == -1)
         if weights:
