@@ -11,19 +11,23 @@ Output is deterministic for a given seed; the images stay out of git (only the Y
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CACHE = Path(os.environ.get("YOLO_FEWSHOT_CACHE", Path.home() / ".cache" / "yolo_fewshot")) / "debian"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "data" / "stamps")
-    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the Debian packages are extracted")
+    ap.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="where the Debian packages are extracted (default: "
+        "$YOLO_FEWSHOT_CACHE/debian or ~/.cache/yolo_fewshot/debian)",
+    )
     ap.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--size", type=int, default=320, help="scene side in pixels")
     ap.add_argument("--n-train", type=int, default=800)
@@ -42,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         scan_stamps,
         write_tsv,
     )
-    from yolo_fewshot.data.debian import FetchError, fetch_debian
+    from yolo_fewshot.data.debian import FetchError, default_cache, fetch_debian
+
+    a.cache = a.cache or default_cache()
 
     bad = [f for f in a.folds if f not in FOLDS]
     if bad:

@@ -12,7 +12,6 @@ writing everything to ``runs/demo/`` (``results.md``, ``results.json``, ``predic
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -39,15 +38,11 @@ DEFAULTS: dict[str, Any] = {
 REF_SHOTS = 3  # reference photos per novel class for the predictions
 
 
-def cache_root() -> Path:
-    """Debian packages are extracted here once (``YOLO_FEWSHOT_CACHE`` overrides)."""
-    return Path(os.environ.get("YOLO_FEWSHOT_CACHE", Path.home() / ".cache" / "yolo_fewshot")) / "debian"
-
-
 def run_demo(**overrides: Any) -> Path:
     """Run the demo (see module docstring); returns the output folder. ``overrides``: keys of :data:`DEFAULTS`."""
     from . import FewShotYOLO
     from .data.benchmark import build_fold, load_sources
+    from .data.debian import default_cache
     from .engine.cfg import parse_shots
     from .engine.train import training_finished
 
@@ -64,7 +59,7 @@ def run_demo(**overrides: Any) -> Path:
     data_dir = out / "data"
     yaml = data_dir / "fold0.yaml"
     if not yaml.is_file():  # the data is deterministic: a rerun reuses it
-        src = load_sources(cache_root())
+        src = load_sources(default_cache())
         build_fold(src, data_dir, 0, size=cfg["imgsz"], n_train=cfg["n_train"], n_val=cfg["n_val"],
                    n_novel_train=0, n_instance=0)  # fmt: skip
     timing["data_s"] = time.perf_counter() - t0

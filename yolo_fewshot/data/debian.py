@@ -8,9 +8,16 @@ extraction is redone).
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
+
+
+def default_cache() -> Path:
+    """Where packages are extracted unless told otherwise: ``$YOLO_FEWSHOT_CACHE/debian`` or
+    ``~/.cache/yolo_fewshot/debian``."""
+    return Path(os.environ.get("YOLO_FEWSHOT_CACHE", Path.home() / ".cache" / "yolo_fewshot")) / "debian"
 
 
 class FetchError(RuntimeError):
