@@ -56,6 +56,8 @@ def test_committed_data_yamls_match_the_manifest(fold):
     assert d["novel"] == [c for c in src.classes if src.category_of(c) in bm.FOLDS[fold]]
     inst = yaml.safe_load((REPO / "data" / "stamps" / f"fold{fold}-instance.yaml").read_text())
     assert list(inst["names"].values()) == inst["novel"] == [s.name for s in src.stamps if s.cls in d["novel"]]
+    for y in (d, inst):  # Ultralytics requires train and val; the validator reads support
+        assert {"train", "val", "support"} <= set(y) and "path" not in y  # splits resolve next to the YAML
 
 
 def test_class_rule_merges_small_folders_up():
