@@ -20,6 +20,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from .atomic import write_atomic
+
 DEFAULTS: dict[str, Any] = {
     "epochs": 12,
     "imgsz": 256,
@@ -105,8 +107,8 @@ def run_demo(**overrides: Any) -> Path:
 
     report = {"settings": cfg, "validation": rows, "predictions": found, "timing_s": {k: round(v, 1) for k, v in
                                                                                     timing.items()}}  # fmt: skip
-    _write(out / "results.json", json.dumps(report, indent=1))
-    _write(out / "results.md", _markdown(report))
+    write_atomic(out / "results.json", json.dumps(report, indent=1))
+    write_atomic(out / "results.md", _markdown(report))
     print(_markdown(report))
     print(f"demo: outputs in {out} (results.md, demo.jpg, predictions/) after {timing['total_s'] / 60:.1f} min")
     return out
@@ -155,13 +157,7 @@ def _overview(images: list[Path], path: Path, side: int = 384) -> None:
         tiles.append(np.full_like(tiles[0], 255))
     grid = np.vstack([np.hstack(tiles[i : i + 2]) for i in range(0, len(tiles), 2)])
     ok, buf = cv2.imencode(".jpg", grid, [cv2.IMWRITE_JPEG_QUALITY, 85])
-    _write(path, buf.tobytes())
-
-
-def _write(path: Path, content: str | bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(content if isinstance(content, bytes) else content.encode())
-    tmp.replace(path)
+    write_atomic(path, buf.tobytes())
 
 
 def _markdown(report: dict) -> str:

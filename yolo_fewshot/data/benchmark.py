@@ -34,6 +34,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..atomic import write_atomic
 from .compose import clean_photo, compose, finish, jitter_cutout, random_crop
 from .debian import fetch_debian
 
@@ -136,9 +137,7 @@ def scan_stamps(root: Path, deny: tuple[str, ...] = ("clothes/button.png",)) -> 
 
 def write_tsv(path: Path, header: str, rows: list[tuple[str, ...]]) -> None:
     """Atomic write of a tab-separated manifest with a ``#`` header."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(f"# {h}\n" for h in header.splitlines()) + "".join("\t".join(r) + "\n" for r in rows))
-    tmp.replace(path)
+    write_atomic(path, "".join(f"# {h}\n" for h in header.splitlines()) + "".join("\t".join(r) + "\n" for r in rows))
 
 
 def read_tsv(path: Path) -> list[list[str]]:
@@ -210,7 +209,7 @@ class Sources:
         return next(s.category for s in self.stamps if s.cls == cls)
 
 
-def load_sources(cache: Path, log: Callable[[str], None] = print, limit_backgrounds: int | None = None) -> Sources:
+def load_sources(cache: Path, log: Callable[[str], None] = print) -> Sources:
     """Fetch the Debian packages into ``cache`` (once) and read the manifests' stamps and backgrounds.
 
     Raises:
@@ -230,7 +229,7 @@ def load_sources(cache: Path, log: Callable[[str], None] = print, limit_backgrou
             )
         rgba[s.path] = read_rgba(f)
     backgrounds: dict[str, list[np.ndarray]] = {"train": [], "test": []}
-    for source, path, split in load_backgrounds()[:limit_backgrounds]:
+    for source, path, split in load_backgrounds():
         backgrounds[split].append(read_background(source, path, roots))
     log(
         f"benchmark: {len(stamps)} stamps ({sum(bool(s.cls) for s in stamps)} labelled in "
@@ -282,9 +281,7 @@ class SplitWriter:
         self.n += 1
 
     def close(self) -> None:
-        tmp = self.objects_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.objects))
-        tmp.replace(self.objects_file)
+        write_atomic(self.objects_file, json.dumps(self.objects))
 
 
 def _scene(
@@ -298,7 +295,7 @@ def _scene(
     """One scene: labelled targets (stamp, class id) and unlabelled clutter on a background of ``split``."""
     bgs = src.backgrounds[split]
     bg = random_crop(bgs[int(rng.integers(len(bgs)))], rng, size)
-    items = [(s, lab) for s, lab in targets] + [(s, None) for s in clutter]
+    items = list(targets) + [(s, None) for s in clutter]
     order = rng.permutation(len(items))
     items = [items[i] for i in order]
     cuts = [jitter_cutout(src.rgba[s.path], rng, int(size * rng.uniform(0.12, 0.32))) for s, _ in items]
@@ -422,10 +419,7 @@ def _write_yaml(
         *(f"  {i}: {n}" for i, n in enumerate(names)),
         f"novel: [{', '.join(novel)}]",
     ]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
-    return path
+    return write_atomic(path, "\n".join(lines) + "\n")
 
 
 def build_benchmark(

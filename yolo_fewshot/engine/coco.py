@@ -10,11 +10,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..atomic import write_atomic
 from ..data.support import label_shape
 
 
@@ -79,9 +78,4 @@ def coco_evaluate(gt: dict, dets: list[dict], cat_ids: Sequence[int] | None = No
 
 def write_json(obj: dict | list, path: Path) -> Path:
     """Atomic JSON write."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, json.dumps(obj))
