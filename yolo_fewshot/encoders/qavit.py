@@ -59,7 +59,7 @@ CONFIGS = {
 }
 
 
-def _dilate(x: Tensor, hw: tuple[int, int], r: int) -> tuple[Tensor, tuple[int, int], tuple[int, int]]:
+def _dilate(x: Tensor, hw: tuple[int, int], r: int) -> tuple[Tensor, tuple[int, int]]:
     """Tokens ``[B, H*W, C]`` -> the r*r interleaved sub-grids as a batch ``[B*r*r, (H/r)*(W/r), C]`` (padded)."""
     b, _, c = x.shape
     h, w = hw
@@ -67,10 +67,10 @@ def _dilate(x: Tensor, hw: tuple[int, int], r: int) -> tuple[Tensor, tuple[int, 
     g = F.pad(x.view(b, h, w, c), (0, 0, 0, pw, 0, ph))
     hh, ww = (h + ph) // r, (w + pw) // r
     g = g.view(b, hh, r, ww, r, c).permute(0, 2, 4, 1, 3, 5).reshape(b * r * r, hh * ww, c)
-    return g, (hh, ww), (ph, pw)
+    return g, (hh, ww)
 
 
-def _undilate(g: Tensor, b: int, hw: tuple[int, int], sub: tuple[int, int], pad: tuple[int, int], r: int) -> Tensor:
+def _undilate(g: Tensor, b: int, hw: tuple[int, int], sub: tuple[int, int], r: int) -> Tensor:
     c = g.shape[-1]
     hh, ww = sub
     x = g.view(b, r, r, hh, ww, c).permute(0, 3, 1, 4, 2, 5).reshape(b, hh * r, ww * r, c)
@@ -148,8 +148,8 @@ class QuadAttentionBlock(nn.Module):
         swa = self.swa(s1, None, hw)
         msda = 0
         for r in self.cfg.dilations:
-            g, sub, pad = _dilate(s2, hw, r)
-            msda = msda + _undilate(self.msda(g, None, sub), b, hw, sub, pad, r)
+            g, sub = _dilate(s2, hw, r)
+            msda = msda + _undilate(self.msda(g, None, sub), b, hw, sub, r)
         msda = msda / len(self.cfg.dilations)
         cga = self.cga(s3)
         k, v = self.cross_kv(bank).chunk(2, -1)
