@@ -55,9 +55,13 @@ def fp_on_distractors(dets: list[dict], objects: dict, conf: float = CONF, iou: 
     import torch
     from ultralytics.utils.metrics import box_iou
 
+    by_image: dict = {}
+    for x in dets:
+        if x["score"] >= conf:
+            by_image.setdefault(x["image_id"], []).append(x)
     n = 0
     for iid, objs in objects.items():
-        d = [x for x in dets if x["image_id"] == iid and x["score"] >= conf]
+        d = by_image.get(iid, [])
         if not d or not objs:
             continue
         db = torch.tensor(
@@ -129,15 +133,18 @@ class Bench:
         self.results["settings"] = {**{k: str(v) for k, v in vars(a).items()}, "hardware": hardware()}
 
     def save(self) -> None:
-        tmp = self.file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.results, indent=1))
-        tmp.replace(self.file)
-        md = self.out / "results.md"
-        md.with_suffix(".tmp").write_text(markdown(self.results, self.shots))
-        md.with_suffix(".tmp").replace(md)
+        from yolo_fewshot.atomic import write_atomic
+
+        write_atomic(self.file, json.dumps(self.results, indent=1))
+        write_atomic(self.out / "results.md", markdown(self.results, self.shots))
 
     def record(self, method: str, rows: list[dict], train_s: float) -> None:
-        self.results["runs"][method] = {"rows": rows, "train_s": round(train_s, 1)}
+        # each method keeps the settings it ran with (a resumed run may add methods with other settings)
+        self.results["runs"][method] = {
+            "rows": rows,
+            "train_s": round(train_s, 1),
+            "settings": self.results["settings"],
+        }
         self.save()
         print(markdown(self.results, self.shots))
 
