@@ -186,6 +186,15 @@ def test_build_from_folder_with_refs_yaml(tmp_path, encoder):
     assert len(bank.classes["coffee"].sources[0]["sha256"]) == 64
 
 
+def test_build_from_a_relative_folder(tmp_path, encoder, monkeypatch):
+    """`refs=refs/` on the command line: a folder given relative to the working directory (its photos were once
+    joined to it twice: refs/refs/cup/1.jpg)."""
+    _refs_dir(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    bank = build_bank(encoder, "refs")
+    assert bank.names == ["cat", "coffee", "frames", "person"]
+
+
 def test_build_errors(tmp_path, encoder):
     with pytest.raises(ValueError, match="no references given"):
         build_bank(encoder, {})

@@ -62,7 +62,9 @@ def _item(item: Any, base: Path | None, cls: str) -> tuple[Any, Any]:
 
 
 def read_refs_folder(root: Path) -> tuple[dict[str, list], dict[str, list]]:
-    """References and negatives of a folder ``<class>/*.jpg`` (+ optional ``refs.yaml``): ``{class: [items]}`` x 2."""
+    """References and negatives of a folder ``<class>/*.jpg`` (+ optional ``refs.yaml``): ``{class: [items]}`` x 2,
+    with absolute paths (callers must not join them to the folder again)."""
+    root = Path(root).resolve()
     refs: dict[str, list] = {}
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
         files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
