@@ -44,6 +44,10 @@ def test_errors_are_one_line_with_status_2(capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("yolo-fewshot: error: model YAML 'nope.yaml' not found") and "\n" not in err
     assert entrypoint(["info", "epochz=3"]) == 2
+    capsys.readouterr()
+    assert entrypoint(["train", "model=yolov8n-psalm-p2.yaml", "data=missing-fewshot.yaml"]) == 2  # Ultralytics'
+    err = capsys.readouterr().err.strip()  # RuntimeError around the missing file: still one line
+    assert "missing-fewshot.yaml" in err and "does not exist" in err and "\n" not in err
 
 
 def test_help_and_version(capsys):

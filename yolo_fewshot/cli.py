@@ -160,10 +160,15 @@ def entrypoint(argv: Sequence[str] | None = None) -> int:
 
         print(f"yolo_fewshot {__version__} (ultralytics {ultralytics.__version__}, torch {torch.__version__})")
         return 0
+    user_errors = (UsageError, FileNotFoundError, ValueError, TypeError, SyntaxError, ImportError)
     try:
         mode, overrides = parse_args(args)
         run(mode, overrides)
-    except (UsageError, FileNotFoundError, ValueError, TypeError, SyntaxError, ImportError) as e:
+    except Exception as e:
+        # Ultralytics wraps input errors (a missing or malformed data YAML) in RuntimeError; other errors are bugs and
+        # keep their traceback
+        if not isinstance(e, user_errors) and not isinstance(e.__cause__, user_errors):
+            raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"yolo-fewshot: error: {msg}", file=sys.stderr)
         return 2
