@@ -73,3 +73,14 @@ def test_refs_folder_on_the_command_line(tmp_path, capsys):
     assert "references: 2 classes ['cat', 'coffee'] (K=[1, 1]) encoded by efficientnet-lite0" in capsys.readouterr().out
     assert entrypoint(["info", "encoder=efficientnet-lite0", f"refs={tmp_path / 'missing'}"]) == 2
     assert "references not found" in capsys.readouterr().err
+
+
+def test_warnings_are_one_line(tmp_path, capsys):
+    import cv2
+    import numpy as np
+
+    (tmp_path / "dot").mkdir()
+    cv2.imwrite(str(tmp_path / "dot" / "1.png"), np.full((1, 1, 3), 200, np.uint8))  # a 1x1 px reference photo
+    assert entrypoint(["info", "model=yolov8n-psalm.yaml", "encoder=efficientnet-lite0", f"refs={tmp_path}"]) == 0
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "1x1 px" in ln]
+    assert err and err[0].startswith("yolo-fewshot: warning: reference ") and "larger photo" in err[0]

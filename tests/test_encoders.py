@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import pytest
@@ -165,3 +166,22 @@ def test_qavit_wrong_input_size_is_clear():
 def test_qavit_builds_by_name():
     enc = build_encoder("qavit-tiny")
     assert enc.spec.dims == (256,) * 4 and enc.spec.tokens == 2 and any(p.requires_grad for p in enc.parameters())
+
+
+def test_cli_with_an_unreachable_hub_encoder_is_one_line(tmp_path):
+    """A model YAML whose default encoder is a hub id, offline: the one-line hint, without a traceback before it."""
+    (tmp_path / "refs" / "cat").mkdir(parents=True)
+    cv2.imwrite(str(tmp_path / "refs" / "cat" / "1.jpg"), cv2.cvtColor(data.chelsea(), cv2.COLOR_RGB2BGR))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    argv = [
+        sys.executable,
+        "-m",
+        "yolo_fewshot.cli",
+        "info",
+        "model=yolov8n-psalm-p2.yaml",
+        f"refs={tmp_path / 'refs'}",
+    ]
+    r = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    err = r.stderr.strip().splitlines()[-1]
+    assert err.startswith("yolo-fewshot: error: cannot load 'facebook/dinov2-small'") and "efficientnet-lite0" in err

@@ -103,6 +103,8 @@ def test_exported_onnx_predicts_in_ultralytics(model, scene, tmp_path, monkeypat
     for m in (FewShotYOLO(f), YOLO(f, task="detect")):
         res = m.predict(str(scene / "scene.jpg"), imgsz=64, conf=0.0, verbose=False)
         assert res[0].names == {0: "cat", 1: "cup", 2: "face"}
+    with pytest.raises(ValueError, match="is an exported model: its references are baked in"):  # not AttributeError
+        FewShotYOLO(f).predict(str(scene / "scene.jpg"), refs={"cat": [data.chelsea()]})
 
 
 def test_track_a_video_with_references(model, tmp_path):
@@ -197,3 +199,32 @@ def test_tensorrt_engine_export(model, tmp_path, monkeypatch):
     f = model.export(format="engine", imgsz=64, half=True, device=0)
     res = YOLO(f, task="detect").predict(data.astronaut(), imgsz=64, conf=0.0, verbose=False)
     assert res[0].names == {0: "cat", 1: "cup", 2: "face"}
+
+
+# -- reliability: sources without network, predictions that cannot be saved ----
+def test_url_source_without_network_is_one_line(model, scene, capsys):
+    url = "http://127.0.0.1:9/scene.jpg"  # nothing listens there: the download fails at once, as offline
+    with pytest.raises(ConnectionError, match=r"^cannot fetch source http://127\.0\.0\.1:9/scene\.jpg \(no network"):
+        model.predict(url, refs={"cat": [data.chelsea()]}, imgsz=64, verbose=False)
+    argv = [
+        "predict",
+        "model=yolov8n-psalm.yaml",
+        "encoder=efficientnet-lite0",
+        f"refs={scene / 'refs'}",
+        f"source={url}",
+    ]
+    assert entrypoint(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"yolo-fewshot: error: cannot fetch source {url}") and "\n" not in err
+
+
+def test_predictions_that_cannot_be_saved_are_one_line_not_results_saved(scene, tmp_path, capsys):
+    (tmp_path / "p" / "scene.jpg").mkdir(parents=True)  # where the annotated image must go, it cannot be written
+    model = ["predict", "model=yolov8n-psalm.yaml", "encoder=efficientnet-lite0", f"refs={scene / 'refs'}"]
+    argv = [*model, f"source={scene / 'scene.jpg'}", "imgsz=64", f"project={tmp_path}", "name=p", "exist_ok=True"]
+    argv.append("save=True")
+    assert entrypoint(argv) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()[-1]
+    assert err.startswith(f"yolo-fewshot: error: cannot write {tmp_path / 'p' / 'scene.jpg'}") and "disk full" in err
+    assert "Results saved" not in captured.out + captured.err

@@ -1,5 +1,8 @@
 """Crops, aggregation, ReferenceBank and building banks from photos; every bad input the issue lists."""
 
+import os
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
@@ -258,3 +261,124 @@ def test_embedding_cache_computes_once_and_tracks_content(tmp_path, encoder):
     _write(img, data.chelsea())  # same path, new content: recomputed
     third = again.embed(items[:1])
     assert again.encoded == 1 and not torch.equal(third[0][0], first[0][0])
+
+
+# -- reliability: hand-edited refs.yaml and banks, out-of-range values, tiny references, stale temp files ----
+@pytest.mark.parametrize(
+    "text,msg",
+    [
+        ("classes: [a\n  b: {\n", r"refs\.yaml is not valid YAML \(line 2"),
+        ("42\n", r"refs\.yaml must be a mapping with 'classes' and/or 'negatives', not int"),
+        ("classes:\n  - cat/1.jpg\n", r"refs\.yaml: 'classes' must map class names to lists of references, not list"),
+        ("negatives: [cat/1.jpg]\n", r"refs\.yaml: 'negatives' must map class names to lists of references, not list"),
+        ("classes:\n  person: 7\n", r"refs\.yaml: class 'person' must list references \(image paths or"),
+        ("classes:\n  person:\n    - {image: frames/astronaut.jpg, box: [.nan, 20, 330, 200]}\n", r"finite numbers"),
+    ],
+)
+def test_bad_refs_yaml_is_one_line_naming_the_file(tmp_path, encoder, text, msg):
+    root = _refs_dir(tmp_path)
+    (root / "refs.yaml").write_text(text)
+    with pytest.raises(ValueError, match=msg) as e:
+        build_bank(encoder, root)
+    assert "\n" not in str(e.value) and str(root / "refs.yaml") in str(e.value)
+
+
+def test_refs_yaml_class_given_one_reference_without_a_list(tmp_path, encoder):
+    root = _refs_dir(tmp_path)
+    (root / "refs.yaml").write_text("classes:\n  person: frames/astronaut.jpg\n")
+    assert build_bank(encoder, root).classes["person"].k == 1  # one path, not one reference per character
+
+
+def _edit_bank(tmp_path, meta=None, drop=(), tensors=None):
+    """Save a 1-class bank with negatives, then rewrite its metadata / tensors as a hand edit would."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    bank = ReferenceBank(SPEC)
+    bank.add("mug", _emb(2), negatives=_emb(1))
+    path = bank.save(tmp_path / "b.safetensors")
+    with safe_open(str(path), "pt") as f:
+        raw = f.metadata()["yolo_fewshot"]
+    t = {k: v for k, v in load_file(path).items() if not k.startswith(drop)} if drop else load_file(path)
+    t.update(tensors or {})
+    doc = meta(json.loads(raw)) if callable(meta) else raw
+    save_file(t, path, metadata={"yolo_fewshot": doc if isinstance(doc, str) else json.dumps(doc)})
+    return path
+
+
+@pytest.mark.parametrize(
+    "edit,msg",
+    [
+        (dict(meta=lambda m: "{not json"), r"metadata is not valid JSON"),
+        (dict(meta=lambda m: [1, 2]), r"metadata must be a JSON object, not list"),
+        (dict(meta=lambda m: {k: v for k, v in m.items() if k != "classes"}), r"metadata has no 'classes'"),
+        (dict(meta=lambda m: {k: v for k, v in m.items() if k != "encoder"}), r"metadata has no 'encoder'"),
+        (dict(meta=lambda m: {**m, "encoder": {"name": "x"}}), r"metadata 'encoder' is not an encoder spec"),
+        (dict(meta=lambda m: {**m, "classes": ["mug"]}), r"metadata 'classes' entry 0 is not an object"),
+        (dict(drop=("c0.pos",)), r"class 'mug' has no tensor c0\.pos\.l0"),
+        (dict(drop=("c0.neg",)), r"class 'mug' says it has negatives but the file has no tensor c0\.neg\.l0"),
+        (dict(tensors={"c0.pos.l0": torch.full((2, 2, 4), 1e30)}), r"out of range .*65504"),
+    ],
+)
+def test_hand_edited_bank_is_one_line_naming_the_file(tmp_path, edit, msg):
+    path = _edit_bank(tmp_path, **edit)
+    with pytest.raises(ValueError, match=msg) as e:
+        ReferenceBank.load(path)
+    assert str(e.value).startswith(f"reference bank {path}") and "\n" not in str(e.value)
+
+
+def test_out_of_range_embeddings_are_refused_when_added():
+    bank = ReferenceBank(SPEC)
+    with pytest.raises(ValueError, match="out of range"):
+        bank.add("huge", [torch.full((1, 2, 4), 1e30), torch.zeros(1, 2, 6)])
+    bank.add("fine", [torch.full((1, 2, 4), 6e4), torch.zeros(1, 2, 6)])  # within float16's range
+
+
+def test_encoder_producing_nan_is_one_line(tmp_path):
+    enc = build_encoder("efficientnet-lite0")
+    with torch.no_grad():
+        next(enc.parameters()).fill_(float("nan"))  # a corrupt encoder: its outputs are NaN
+    with pytest.raises(ValueError, match=r"encoder efficientnet-lite0 produced NaN or Inf for class 'cat' \(.*1\.jpg"):
+        build_bank(enc, {"cat": [_write(tmp_path / "cat" / "1.jpg", data.chelsea())]})
+
+
+def test_tiny_reference_warns(tmp_path, encoder):
+    tiny = _write(tmp_path / "dot.png", np.full((1, 1, 3), 200, np.uint8))
+    with pytest.warns(UserWarning, match=r"reference .*dot\.png is only 1x1 px"):
+        build_bank(encoder, {"dot": [tiny]})
+    with pytest.warns(UserWarning, match=r"only 6x4 px"):
+        build_bank(encoder, {"cat": [(data.chelsea(), [10, 10, 16, 14])]})
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a normal reference: no warning
+        build_bank(encoder, {"cat": [data.chelsea()]})
+
+
+def test_stale_temp_files_of_killed_saves_are_cleaned_on_the_next_save(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from yolo_fewshot.atomic import temp_path
+
+    bank = ReferenceBank(SPEC)
+    bank.add("mug", _emb(1))
+    target = tmp_path / "b.safetensors"
+    # a writer killed mid-save leaves its temp file: here a process that exits right after creating it
+    code = f"from yolo_fewshot.atomic import temp_path; p = temp_path(r'{target}'); p.write_bytes(b'x'); print(p)"
+    dead = Path(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip())
+    legacy = tmp_path / ".b.safetensors.k3j_x9a2"  # mkstemp's name, from before temp names carried the pid
+    legacy.write_bytes(b"x")
+    old = time.time() - 3600
+    os.utime(legacy, (old, old))
+    live = temp_path(target)  # a save in progress in this (live) process: left alone
+    live.write_bytes(b"x")
+    fresh_legacy = tmp_path / ".b.safetensors.a1b2c3d4"  # recent, owner unknown: left alone
+    fresh_legacy.write_bytes(b"x")
+    assert dead.is_file() and dead.name.startswith(".b.safetensors.")
+    bank.save(target)
+    assert not dead.exists() and not legacy.exists() and live.exists() and fresh_legacy.exists()
+    assert ReferenceBank.load(target).names == ["mug"]

@@ -66,3 +66,18 @@ def test_stock_ultralytics_models_still_build():
 
     m = YOLO("yolov8n-p2.yaml").model
     assert m.stride.tolist() == [4.0, 8.0, 16.0, 32.0]
+
+
+def test_checkpoint_loading_is_guarded_once_and_refuses_a_bypassing_upstream(monkeypatch):
+    import ultralytics.nn as unn
+
+    from yolo_fewshot._register import ORIGINAL_ATTR, hook_checkpoint_loading
+
+    before = tasks.torch_safe_load
+    hook_checkpoint_loading()
+    assert tasks.torch_safe_load is before is unn.torch_safe_load and getattr(before, HOOK_ATTR)
+    assert not getattr(getattr(before, ORIGINAL_ATTR), HOOK_ATTR, False)  # wraps Ultralytics' own, once
+    monkeypatch.setattr(tasks, "torch_safe_load", getattr(before, ORIGINAL_ATTR))
+    monkeypatch.setattr(tasks, "load_checkpoint", lambda weight: None)  # an upstream that no longer calls it
+    with pytest.raises(UpstreamChanged, match="cannot guard checkpoint loading"):
+        hook_checkpoint_loading()

@@ -140,3 +140,90 @@ def test_cli_predict_with_dynamic_detector(exported, tmp_path, capsys):
     assert "no references to look for" in capsys.readouterr().err
     assert entrypoint(["predict", f"model={det}", f"refs={tmp_path / 'refs'}", f"source={tmp_path / 'nope.jpg'}"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# -- reliability: bad ONNX files, empty or unreadable sources, swapped graphs, failing writes ----
+def _refs_folder(tmp_path):
+    import cv2
+
+    (tmp_path / "refs" / "cat").mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(tmp_path / "refs" / "cat" / "1.jpg"), cv2.cvtColor(data.chelsea(), cv2.COLOR_RGB2BGR))
+    scene = tmp_path / "scene.jpg"
+    cv2.imwrite(str(scene), cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR))
+    return tmp_path / "refs", scene
+
+
+def _one_line_error(capsys, argv) -> str:
+    from yolo_fewshot.cli import entrypoint
+
+    capsys.readouterr()
+    assert entrypoint(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("yolo-fewshot: error: ") and "\n" not in err, err
+    return err
+
+
+def test_cli_bad_onnx_files_are_one_line(exported, tmp_path, capsys):
+    _, det, _ = exported
+    refs, scene = _refs_folder(tmp_path)
+    plain = tmp_path / "plain.onnx"
+    torch.onnx.export(torch.nn.Linear(2, 2), (torch.zeros(1, 2),), str(plain), dynamo=False)
+    err = _one_line_error(capsys, ["predict", f"model={plain}", f"refs={refs}", f"source={scene}"])
+    assert f"{plain} is not a yolo_fewshot export" in err
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(det.read_bytes()[:3000])
+    err = _one_line_error(capsys, ["predict", f"model={truncated}", f"refs={refs}", f"source={scene}"])
+    assert f"cannot read ONNX file {truncated}" in err and "export it again" in err
+
+
+def test_cli_empty_or_unreadable_sources_are_one_line(exported, tmp_path, capsys):
+    _, det, _ = exported
+    refs, _ = _refs_folder(tmp_path)
+    (tmp_path / "empty").mkdir()
+    err = _one_line_error(capsys, ["predict", f"model={det}", f"refs={refs}", f"source={tmp_path / 'empty'}"])
+    assert f"source folder {tmp_path / 'empty'} has no image" in err
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg")
+    err = _one_line_error(capsys, ["predict", f"model={det}", f"refs={refs}", f"source={bad}"])
+    assert f"cannot read image {bad}" in err and "reference" not in err
+    rt = FewShotOnnx(det, det.with_name("encoder.onnx"))
+    rt.set_references({"cat": [data.chelsea()]})
+    with pytest.raises(ValueError, match=r"^cannot read image .*bad\.jpg: not an image or corrupt$"):
+        rt.predict(bad)
+
+
+def test_swapped_detector_and_encoder_are_refused_at_once(exported):
+    _, det, enc = exported
+    with pytest.raises(
+        ValueError, match=r"encoder\.onnx is the encoder graph \(inputs crops, masks\), given as the det"
+    ):
+        FewShotOnnx(enc, det)
+    with pytest.raises(
+        ValueError, match=r"detector\.onnx is the detector graph \(inputs images, prototypes\), given as"
+    ):
+        FewShotOnnx(det, det)
+
+
+def test_saving_predictions_that_cannot_be_written_is_one_line(exported, tmp_path, capsys):
+    _, det, _ = exported
+    refs, scene = _refs_folder(tmp_path)
+    (tmp_path / "out" / "scene.jpg").mkdir(parents=True)  # the annotated copy cannot be written where it must go
+    argv = [
+        "predict",
+        f"model={det}",
+        f"refs={refs}",
+        f"source={scene}",
+        "save=True",
+        f"project={tmp_path}",
+        "name=out",
+    ]
+    err = _one_line_error(capsys, argv)
+    assert f"cannot write {tmp_path / 'out' / 'scene.jpg'}" in err and "disk full" in err
+    assert not [f for f in (tmp_path / "out").iterdir() if f.name.startswith(".")]  # no temporary file left behind
+
+
+def test_out_of_range_prototypes_are_refused_by_the_runtime(exported):
+    _, det, _ = exported
+    rt = FewShotOnnx(det)
+    with pytest.raises(ValueError, match=r"prototypes are out of range \(\|value\| up to 1e\+30, more than float16"):
+        rt.set_prototypes(np.full((1, 1, 496), 1e30, np.float32), ["huge"])

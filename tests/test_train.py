@@ -440,3 +440,85 @@ def test_trainer_sets_proto_dims_from_the_encoder_even_when_the_yaml_names_it(da
     model = t.get_model(cfg=load_model_yaml(str(y)), verbose=False)
     neck = next(m for m in model.model if isinstance(m, FusionNeck))
     assert neck.proto_dims == [24, 40, 112, 320]
+
+
+# -- reliability: settings checked before any work, duplicate names, empty labels, more shots than instances ----
+@pytest.mark.parametrize(
+    "key,value,msg",
+    [
+        ("n_way", 0, r"n_way=0 must be an integer >= 1"),
+        ("k_max", 0, r"k_max=0 must be an integer >= 1"),
+        ("k_max", -2, r"k_max=-2 must be an integer >= 1"),
+        ("hard_negatives", 1.5, r"hard_negatives=1\.5 must be a number in \[0, 1\]"),
+        ("views", 9, r"views=9 must be an integer in 1\.\.4"),
+        ("seeds", 0, r"seeds=0 must be an integer >= 1"),
+        ("shots", "0,3", r"shots='0,3' must be positive integers"),
+    ],
+)
+def test_plugin_settings_are_checked_before_any_work(dataset, tmp_path, key, value, msg):
+    from yolo_fewshot.engine.train import FewShotTrainer
+
+    overrides = dict(model="yolov8n-psalm.yaml", data=str(dataset), project=str(tmp_path), name="x", **{key: value})
+    with pytest.raises(ValueError, match=msg):
+        FewShotTrainer(overrides=overrides)
+    assert not (tmp_path / "x").exists()  # refused before Ultralytics made the run folder or read the data
+
+
+@pytest.mark.parametrize("seeds", [0, -1])
+def test_validation_refuses_seeds_below_one(dataset, tmp_path, capsys, seeds):
+    from yolo_fewshot.cli import entrypoint
+    from yolo_fewshot.engine.val import FewShotValidator
+
+    with pytest.raises(ValueError, match=rf"seeds={seeds} must be an integer >= 1"):
+        FewShotValidator(args=dict(data=str(dataset), **VAL, seeds=seeds, project=str(tmp_path)))
+    argv = ["val", "model=yolov8n-psalm.yaml", "encoder=efficientnet-lite0", f"data={dataset}", f"seeds={seeds}"]
+    assert entrypoint(argv) == 2
+    assert f"seeds={seeds} must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_duplicate_class_names_in_the_data_yaml_are_refused(dataset, tmp_path):
+    with pytest.raises(ValueError, match=r"names class 'cup' twice \(ids 0 and 1\)"):
+        FewShotSplit.from_data({"names": {0: "cup", 1: "Cup ", 2: "cat"}})
+    bad = tmp_path / "dup.yaml"
+    bad.write_text(dataset.read_text().replace("1: cat", "1: cup"))
+    with pytest.raises(ValueError, match=rf"{bad} names class 'cup' twice \(ids 0 and 1\)"):
+        FewShotYOLO("yolov8n-psalm.yaml", encoder="efficientnet-lite0").train(
+            data=str(bad), project=str(tmp_path), **TRAIN
+        )
+
+
+def test_training_with_every_label_file_empty_is_one_line(tmp_path):
+    root = tmp_path / "d"
+    yaml = make_dataset(root, n_train=8, n_val=4)
+    for f in (root / "labels" / "train").glob("*.txt"):
+        f.write_text("")
+    with pytest.raises(ValueError, match=r"no labelled box of the trained classes \[0, 1, 2\]") as e:
+        FewShotYOLO("yolov8n-psalm.yaml", encoder="efficientnet-lite0").train(
+            data=str(yaml), project=str(tmp_path), **TRAIN
+        )
+    assert "\n" not in str(e.value) and "label" in str(e.value)
+
+
+def test_val_with_more_shots_than_instances_warns_and_reports_the_k_used(trained, dataset, tmp_path):
+    import logging
+
+    from ultralytics.utils import LOGGER
+
+    from yolo_fewshot.engine.val import FewShotValidator
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    seen, keep = [], Keep(logging.WARNING)
+    model, _ = trained
+    v = FewShotValidator(args=dict(data=str(dataset), **VAL, shots="1000", project=str(tmp_path), name="v"))
+    LOGGER.addHandler(keep)
+    try:
+        v(model=model.model)
+    finally:
+        LOGGER.removeHandler(keep)
+    have = {v.split.names[c]: len(v.table.by_class.get(c, [])) for c in v.split.names}
+    assert 0 < max(have.values()) < 1000
+    assert v.results[0]["k_used"] == {n: min(1000, k) for n, k in have.items()}
+    assert any("few-shot val: shots=1000 but the 'train' split has fewer instances of" in m for m in seen), seen

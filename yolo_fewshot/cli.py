@@ -2,13 +2,16 @@
 
 Ultralytics' ``yolo`` command never imports plugins, so this is the entry point for few-shot models. Arguments are
 ``key=value`` pairs parsed with Ultralytics' own parser and checked against Ultralytics' keys plus the plugin's; the
-model is a :class:`~yolo_fewshot.FewShotYOLO`. User mistakes (unknown key, missing file, bad value) end with one line
-on stderr and exit status 2, not a stack trace.
+model is a :class:`~yolo_fewshot.FewShotYOLO`. User mistakes (unknown key, missing file, bad value, a refused
+checkpoint) and environment failures (no network, a full disk) end with one line on stderr and exit status 2, not a
+stack trace; warnings print as one line too. ``unsafe_load=True`` loads a ``.pt`` you trust without the safe-loading
+allowlist (:mod:`yolo_fewshot.checkpoint`).
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,7 +35,9 @@ modes:
 Every key Ultralytics' `yolo` accepts works here too (see `yolo cfg`)."""
 
 MODES = ("demo", "info", "train", "val", "predict", "export", "track", "benchmark")
-PLUGIN_KEYS: dict[str, Any] = PLUGIN_DEFAULTS  # encoder=, refs=, n_way=, k_max=, shots=, seeds=, ... (engine/cfg.py)
+# encoder=, refs=, n_way=, k_max=, shots=, seeds=, ... (engine/cfg.py); unsafe_load=True: load a .pt you trust without
+# the safe-loading allowlist (yolo_fewshot/checkpoint.py)
+PLUGIN_KEYS: dict[str, Any] = {**PLUGIN_DEFAULTS, "unsafe_load": False}
 
 
 class UsageError(Exception):
@@ -129,7 +134,11 @@ def run(mode: str, overrides: dict[str, Any]) -> Any:
         return run_onnx(mode, overrides)
     from . import FewShotYOLO
 
-    model = FewShotYOLO(overrides.pop("model", "yolov8n-psalm-p2.yaml"), encoder=overrides.pop("encoder", None))
+    model = FewShotYOLO(
+        overrides.pop("model", "yolov8n-psalm-p2.yaml"),
+        encoder=overrides.pop("encoder", None),
+        unsafe_load=bool(overrides.pop("unsafe_load", False)),
+    )
     refs = overrides.pop("refs", None)
     if mode in ("predict", "track", "export") and refs is None and getattr(model.model, "prototypes", 0) is None:
         raise UsageError(
@@ -146,6 +155,10 @@ def run(mode: str, overrides: dict[str, Any]) -> Any:
     return getattr(model, mode)(**overrides)
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"yolo-fewshot: warning: {message}", file=sys.stderr)
+
+
 def entrypoint(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point; returns the process exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -160,10 +173,13 @@ def entrypoint(argv: Sequence[str] | None = None) -> int:
 
         print(f"yolo_fewshot {__version__} (ultralytics {ultralytics.__version__}, torch {torch.__version__})")
         return 0
-    user_errors = (UsageError, FileNotFoundError, ValueError, TypeError, SyntaxError, ImportError)
+    # OSError: files, disks, the network (a full disk, a URL without network, a hub model that cannot be fetched)
+    user_errors = (UsageError, OSError, ValueError, TypeError, SyntaxError, ImportError)
     try:
-        mode, overrides = parse_args(args)
-        run(mode, overrides)
+        with warnings.catch_warnings():  # the plugin's warnings (a tiny reference photo, ...) as one line each
+            warnings.showwarning = _one_line_warning
+            mode, overrides = parse_args(args)
+            run(mode, overrides)
     except Exception as e:
         # Ultralytics wraps input errors (a missing or malformed data YAML) in RuntimeError; other errors are bugs and
         # keep their traceback

@@ -31,12 +31,23 @@ class FewShotSplit:
         """Read the split from a (checked) Ultralytics data dict.
 
         Raises:
-            ValueError: A ``novel`` entry names no class, or every class is novel.
+            ValueError: A ``novel`` entry names no class, or two classes share a name (compared as reference banks
+                compare them: case and surrounding spaces ignored — references are given by class name).
         """
         names = {
             int(k): str(v)
             for k, v in (data["names"].items() if isinstance(data["names"], dict) else enumerate(data["names"]))
         }
+        seen: dict[str, int] = {}
+        for i, n in names.items():
+            key = n.strip().lower()
+            if key in seen:
+                where = data.get("yaml_file") or "the data YAML"
+                raise ValueError(
+                    f"{where} names class '{names[seen[key]]}' twice (ids {seen[key]} and {i}); give every class its "
+                    "own name (references and results are matched by name)"
+                )
+            seen[key] = i
         by_name = {v: k for k, v in names.items()}
         raw = data.get("novel") or []
         if isinstance(raw, (str, int)):

@@ -2,14 +2,19 @@
 
 Prediction itself is Ultralytics' own (the references are model state); only the picture a user looks at changes:
 one small photo per reference class, with its name, drawn over the top-left corner so frame sizes (and videos) stay
-as Ultralytics writes them.
+as Ultralytics writes them. Saved images are written through :func:`yolo_fewshot.atomic.write_image`, so one that
+cannot be written (a full disk) is an error, not a "Results saved" over an empty folder.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 from ultralytics.models.yolo.detect import DetectionPredictor
+
+from ..atomic import write_image
 
 
 def with_thumbnails(img: np.ndarray, thumbs: dict[str, np.ndarray], size: int = 64, pad: int = 4) -> np.ndarray:
@@ -50,7 +55,9 @@ class FewShotPredictor(DetectionPredictor):
     def save_predicted_images(self, save_path, frame: int | None = 0):
         plotted, self.plotted_img = self.plotted_img, with_thumbnails(self.plotted_img, self._thumbs())
         try:
-            return super().save_predicted_images(save_path, frame)
+            if self.dataset.mode in {"stream", "video"}:
+                return super().save_predicted_images(save_path, frame)
+            write_image(Path(save_path).with_suffix(".jpg"), self.plotted_img)  # JPG, as Ultralytics; checked
         finally:
             self.plotted_img = plotted
 

@@ -4,23 +4,39 @@ The bank keeps every reference's embedding (``[K, M, D_l]`` per level), not only
 aggregation can change and classes can be added or removed without re-encoding the others. One ``.safetensors`` file
 holds it all: the tensors, and in the header's metadata a JSON document with the class names, K, the encoder spec, the
 aggregation and each reference's file name, sha256 and box. No pickle; writes are atomic; a round trip is bit-exact.
+
+Every value is checked (finite, within float16's range: prototypes follow the model's dtype, and a half-precision model
+turns anything larger into Inf and then NaN scores), and a file edited by hand gets one line naming the file and what
+is wrong with it, never a ``KeyError``.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from ..atomic import replace_atomic
 from ..encoders.base import EncoderSpec
 from .aggregate import METHODS, aggregate
 
 FORMAT = "yolo_fewshot.reference_bank/1"
+MAX_ABS = float(torch.finfo(torch.float16).max)  # 65504: prototypes may run in a half-precision model
+
+
+def check_values(t: Tensor, what: str) -> None:
+    """Refuse embeddings or prototypes that are NaN/Inf or beyond :data:`MAX_ABS` (one line saying which)."""
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{what} contain NaN or Inf")
+    peak = float(t.abs().max()) if t.numel() else 0.0
+    if peak > MAX_ABS:
+        raise ValueError(
+            f"{what} are out of range (|value| up to {peak:.3g}, more than {MAX_ABS:g}, float16's largest, which a "
+            "half-precision model turns into Inf); encoder embeddings never are: rebuild the references"
+        )
 
 
 @dataclass
@@ -77,8 +93,7 @@ class ReferenceBank:
                     f"{what} of class '{name}' level {level} have shape {tuple(e.shape)}; the encoder "
                     f"{self.spec.name} gives [K, {self.spec.tokens}, {d}]"
                 )
-            if not torch.isfinite(e).all():
-                raise ValueError(f"{what} of class '{name}' contain NaN or Inf")
+            check_values(e, f"{what} of class '{name}'")
             out.append(e.contiguous())
         if len({e.shape[0] for e in out}) != 1:
             raise ValueError(f"{what} of class '{name}' disagree on K across levels")
@@ -122,10 +137,13 @@ class ReferenceBank:
         method = method or self.method
         levels = len(self.spec.dims) if levels is None else levels
         start = len(self.spec.dims) - levels
-        return [
+        out = [
             torch.stack([aggregate(c.embeddings[lv], method) for c in self.classes.values()])
             for lv in range(start, len(self.spec.dims))
         ]
+        for p in out:
+            check_values(p, f"prototypes ({method}) of classes {self.names}")
+        return out
 
     def negative_prototypes(
         self, levels: int | None = None, method: str | None = None
@@ -177,16 +195,8 @@ class ReferenceBank:
                 }
             )
         meta = {"format": FORMAT, "encoder": self.spec.to_dict(), "method": self.method, "classes": classes}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"yolo_fewshot": json.dumps(meta)})
-            os.replace(tmp, path)  # atomic: a crash never leaves a half-written bank
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return path
+        # atomic: a crash never leaves a half-written bank, and a killed save's temporary file goes at the next save
+        return replace_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"yolo_fewshot": json.dumps(meta)}))
 
     @classmethod
     def load(cls, path: str | Path) -> ReferenceBank:
@@ -204,18 +214,51 @@ class ReferenceBank:
             raise ValueError(f"cannot read reference bank {path}: {e}") from None
         if raw is None:
             raise ValueError(f"{path} is a safetensors file but not a yolo_fewshot reference bank")
-        meta = json.loads(raw)
+        try:
+            return cls._from_file(raw, tensors)
+        except ValueError as e:
+            raise ValueError(
+                f"reference bank {path}: {e} (edited by hand? rebuild it: set_references(photos), then "
+                "references.save(path))"
+            ) from None
+
+    @classmethod
+    def _from_file(cls, raw: str, tensors: dict[str, Tensor]) -> ReferenceBank:
+        """A bank from a file's metadata JSON and tensors; every inconsistency is a one-line ValueError."""
+        try:
+            meta = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"its metadata is not valid JSON ({e})") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"its metadata must be a JSON object, not {type(meta).__name__}")
         if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} has bank format {meta.get('format')!r}; this version reads {FORMAT!r}")
-        bank = cls(EncoderSpec.from_dict(meta["encoder"]), meta.get("method", "mean"))
+            raise ValueError(f"it has bank format {meta.get('format')!r}; this version reads {FORMAT!r}")
+        for key in ("encoder", "classes"):
+            if key not in meta:
+                raise ValueError(f"its metadata has no '{key}'")
+        try:
+            spec = EncoderSpec.from_dict(meta["encoder"])
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise ValueError(f"its metadata 'encoder' is not an encoder spec: {meta['encoder']!r}") from None
+        if not isinstance(meta["classes"], list):
+            raise ValueError(f"its metadata 'classes' must be a list, not {type(meta['classes']).__name__}")
+        bank = cls(spec, meta.get("method", "mean"))
         n_levels = len(bank.spec.dims)
+
+        def level_tensors(i: int, kind: str, name: str, why: str = "") -> list[Tensor]:
+            keys = [f"c{i}.{kind}.l{lv}" for lv in range(n_levels)]
+            missing = [k for k in keys if k not in tensors]
+            if missing:
+                raise ValueError(f"class '{name}'{why} has no tensor {missing[0]}")
+            return [tensors[k] for k in keys]
+
         for i, c in enumerate(meta["classes"]):
-            pos = [tensors[f"c{i}.pos.l{lv}"] for lv in range(n_levels)]
-            neg = [tensors[f"c{i}.neg.l{lv}"] for lv in range(n_levels)] if c.get("negatives") else None
-            try:
-                bank.add(c["name"], pos, c.get("sources"), neg, c.get("negative_sources"), tensors.get(f"c{i}.thumb"))
-            except ValueError as e:
-                raise ValueError(f"reference bank {path}: {e}") from None
+            if not isinstance(c, dict) or "name" not in c:
+                raise ValueError(f"its metadata 'classes' entry {i} is not an object with a 'name': {c!r}")
+            name = c["name"]
+            pos = level_tensors(i, "pos", name)
+            neg = level_tensors(i, "neg", name, " says it has negatives but the file") if c.get("negatives") else None
+            bank.add(name, pos, c.get("sources"), neg, c.get("negative_sources"), tensors.get(f"c{i}.thumb"))
         return bank
 
     def __repr__(self) -> str:

@@ -14,7 +14,8 @@ Accepted references:
 
 * a saved bank (``.safetensors``).
 
-Each reference is cropped (:mod:`.crops`), all crops go through the encoder in batches, once.
+Each reference is cropped (:mod:`.crops`), all crops go through the encoder in batches, once. A mistake in
+``refs.yaml`` (its syntax, its shape, a box) is one line naming the file; an encoder that outputs NaN or Inf is refused.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import yaml
 
 from ..encoders.base import SupportEncoder
 from .bank import ReferenceBank
-from .crops import file_digest, make_crop
+from .crops import MIN_SIDE, box_numbers, file_digest, make_crop
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -41,21 +42,23 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         dup = {k for k in keys if keys.count(k) > 1}
         if dup:
             raise ValueError(
-                f"refs.yaml names {sorted(map(str, dup))} twice (line {node.start_mark.line + 1}); list each class once"
+                f"names {sorted(map(str, dup))} twice (line {node.start_mark.line + 1}); list each class once"
             )
         return super().construct_mapping(node, deep)
 
 
-def _item(item: Any, base: Path | None, cls: str) -> tuple[Any, Any]:
-    """Normalise one reference to ``(image, box or None)``."""
+def _item(item: Any, base: Path | None, cls: str, where: str = "") -> tuple[Any, Any]:
+    """Normalise one reference to ``(image, box or None)``; ``where`` names its origin in messages (a refs.yaml)."""
     if isinstance(item, Mapping):
         if "image" not in item:
-            raise ValueError(f"reference {dict(item)} of class '{cls}' has no 'image' key")
+            raise ValueError(f"reference {dict(item)}{where or f' of class {cls!r}'} has no 'image' key")
         img, box = item["image"], item.get("box")
     elif isinstance(item, tuple) and len(item) == 2:
         img, box = item
     else:
         img, box = item, None
+    if box is not None and where:  # boxes from a file are checked where the file can be named
+        box_numbers(box, where)
     if isinstance(img, (str, Path)) and base is not None and not Path(img).is_absolute():
         img = base / img
     return img, box
@@ -74,16 +77,51 @@ def read_refs_folder(root: Path) -> tuple[dict[str, list], dict[str, list]]:
     negatives: dict[str, list] = {}
     spec = root / "refs.yaml"
     if spec.is_file():
-        doc = yaml.load(spec.read_text(), Loader=_UniqueKeyLoader) or {}
-        unknown = set(doc) - {"classes", "negatives"}
-        if unknown:
-            raise ValueError(f"{spec}: unknown keys {sorted(unknown)}; use 'classes' and 'negatives'")
-        for name, items in (doc.get("classes") or {}).items():
-            refs.setdefault(str(name), []).extend(_item(i, root, str(name)) for i in items or [])
-        negatives = {str(k): [_item(i, root, str(k)) for i in v or []] for k, v in (doc.get("negatives") or {}).items()}
+        extra, negatives = read_refs_yaml(spec, root)
+        for name, items in extra.items():
+            refs.setdefault(name, []).extend(items)
     if not refs:
         raise ValueError(f"reference folder {root} is empty; put photos in {root}/<class name>/")
     return refs, negatives
+
+
+def read_refs_yaml(spec: Path, root: Path) -> tuple[dict[str, list], dict[str, list]]:
+    """``classes`` and ``negatives`` of a ``refs.yaml`` as ``{class: [(image, box)]}``; every mistake (syntax, a
+    scalar or a list where a mapping belongs, a box that is not 4 finite numbers) is one line naming the file."""
+    try:
+        doc = yaml.load(spec.read_text(), Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"{spec} is not valid YAML ({where}{problem}); fix its syntax") from None
+    except ValueError as e:  # a class listed twice
+        raise ValueError(f"{spec} {e}") from None
+    doc = {} if doc is None else doc
+    if not isinstance(doc, dict):
+        raise ValueError(f"{spec} must be a mapping with 'classes' and/or 'negatives', not {type(doc).__name__}")
+    unknown = set(doc) - {"classes", "negatives"}
+    if unknown:
+        raise ValueError(f"{spec}: unknown keys {sorted(map(str, unknown))}; use 'classes' and 'negatives'")
+    out = []
+    for key in ("classes", "negatives"):
+        section = doc.get(key) or {}
+        if not isinstance(section, dict):
+            raise ValueError(
+                f"{spec}: '{key}' must map class names to lists of references, not {type(section).__name__}"
+            )
+        items: dict[str, list] = {}
+        for name, refs in section.items():
+            name = str(name)
+            refs = [refs] if isinstance(refs, (str, dict)) else [] if refs is None else refs  # one, without a list
+            if not isinstance(refs, list) or not all(isinstance(r, (str, dict)) for r in refs):
+                raise ValueError(
+                    f"{spec}: class '{name}' must list references (image paths or {{image: path, box: [x1, y1, x2, "
+                    f"y2]}}), got {refs!r}"
+                )
+            items[name] = [_item(r, root, name, f" of class '{name}' in {spec}") for r in refs]
+        out.append(items)
+    return out[0], out[1]
 
 
 def _normalise(refs: Mapping[str, Sequence], base: Path | None) -> dict[str, list[tuple[Any, Any]]]:
@@ -112,10 +150,12 @@ def thumbnail(crop: torch.Tensor, size: int = 64) -> torch.Tensor:
     return (small.permute(1, 2, 0) * 255).round().clamp(0, 255).to(torch.uint8).contiguous()
 
 
-def _encode(encoder: SupportEncoder, items: list[tuple[Any, Any]], context: float) -> tuple[list, list[dict], Any]:
+def _encode(
+    encoder: SupportEncoder, items: list[tuple[Any, Any]], context: float, name: str
+) -> tuple[list, list[dict], Any]:
     crops, masks, sources = [], [], []
     for img, box in items:
-        c, m = make_crop(img, box, encoder.spec.input_size, context)
+        c, m = make_crop(img, box, encoder.spec.input_size, context, MIN_SIDE)
         crops.append(c)
         masks.append(m)
         sources.append(
@@ -125,7 +165,14 @@ def _encode(encoder: SupportEncoder, items: list[tuple[Any, Any]], context: floa
                 "box": None if box is None else [float(v) for v in box],
             }
         )
-    return encoder.encode(torch.stack(crops), torch.stack(masks)), sources, crops[0]
+    emb = encoder.encode(torch.stack(crops), torch.stack(masks))
+    if not all(torch.isfinite(e).all() for e in emb):
+        files = ", ".join(s["file"] for s in sources[:3]) + (", ..." if len(sources) > 3 else "")
+        raise ValueError(
+            f"encoder {encoder.spec.name} produced NaN or Inf for class '{name}' ({files}); its weights are broken: "
+            "reload the encoder (or, for an encoder trained with the model, the checkpoint)"
+        )
+    return emb, sources, crops[0]
 
 
 def build_bank(
@@ -176,7 +223,7 @@ def build_bank(
         raise ValueError(f"negatives given for {sorted(unknown)}, which are not reference classes {sorted(items)}")
     bank = ReferenceBank(encoder.spec, method)
     for name, its in items.items():
-        emb, src, first = _encode(encoder, its, context)
-        neg, nsrc, _ = _encode(encoder, neg_all[name], context) if neg_all.get(name) else (None, [], None)
+        emb, src, first = _encode(encoder, its, context, name)
+        neg, nsrc, _ = _encode(encoder, neg_all[name], context, name) if neg_all.get(name) else (None, [], None)
         bank.add(name, emb, src, neg, nsrc, thumbnail(first))
     return bank

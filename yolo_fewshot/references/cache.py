@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from ..atomic import replace_atomic
 from ..encoders.base import SupportEncoder
 from .crops import file_digest, make_crop
 
@@ -90,11 +89,6 @@ class EmbeddingCache:
                     loaded[p][f"{_box_key(b)}.l{lv}"] = e[j * self.views : (j + 1) * self.views].contiguous()
             self.encoded += len(chunk)
             for p in {p for p, _ in chunk}:  # persist after every batch: an interrupted run keeps its work
-                shard = self._shard(digests[p])
-                shard.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(prefix=".tmp", dir=shard.parent)
-                os.close(fd)
-                save_file(loaded[p], tmp)
-                os.replace(tmp, shard)
+                replace_atomic(self._shard(digests[p]), lambda tmp, t=loaded[p]: save_file(t, tmp))
         n_levels = len(self.encoder.spec.dims)
         return [[loaded[str(p)][f"{_box_key(b)}.l{lv}"] for lv in range(n_levels)] for p, b in items]
