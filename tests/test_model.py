@@ -30,6 +30,8 @@ def test_shipped_yamls():
         "yolov8-psalm.yaml",
         "yolov8-cheaf.yaml",
         "yolov8-lite0-psalm-p2.yaml",
+        "yolov8-lite0-proto.yaml",
+        "yolov8-lite0.yaml",  # plain Ultralytics Detect on the same trunk: the baseline of the speed tools
     }
 
 

@@ -7,12 +7,15 @@
 Methods (every one scored with pycocotools on the same val images, novel and base AP50 / AP50-95 per K, mean ± std
 over reference draws, and false positives per image on distractors):
   cosine      zero training: the support encoder's cosine similarity over sliding windows
+  proto       ours, the default: yolov8n-lite0-proto (frozen Lite0 trunk = the encoder, class-agnostic boxes, one
+              similarity per class), trained episodically on the base classes; novel classes train-free; verified
+  proto-1pass the same weights without crop verification (one pass per image)
   psalm       ours, yolov8n-psalm-p2 trained episodically on the base classes, novel classes train-free
   cheaf       the same with the CHEAF neck
   psalm-ft    ours + fine-tune mode (finetune=True) on the K shots of every class
   yolo-ft     plain YOLOv8n-P2 trained on the base classes, then fine-tuned on the same K shots (an Ultralytics user)
   upper       plain YOLOv8n-P2 trained on the novel classes with all their training scenes (upper bound)
-The instance 1-shot protocol (foldN-instance.yaml) is run for cosine, psalm and cheaf.
+The instance 1-shot protocol (foldN-instance.yaml) is run for cosine, proto, proto-1pass, psalm and cheaf.
 Writes results.json (every draw) and results.md (the tables) after each method, atomically.
 """
 
@@ -29,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("cosine", "psalm", "yolo-ft", "upper", "psalm-ft", "cheaf")
+METHODS = ("cosine", "proto", "proto-1pass", "psalm", "yolo-ft", "upper", "psalm-ft", "cheaf")
 CONF = 0.25  # score threshold of the false-positive count (Ultralytics' predict default)
 
 
@@ -240,14 +243,16 @@ def run_cosine(b: Bench) -> None:
     print(f"cosine: {time.perf_counter() - t0:.0f} s")
 
 
-def _fewshot_val(b: Bench, weights: Path, data: Path, shots: str, seeds: int, name: str) -> dict[tuple, list]:
+def _fewshot_val(
+    b: Bench, weights: Path, data: Path, shots: str, seeds: int, name: str, verify: bool = True
+) -> dict[tuple, list]:
     """Our validator with seeded K-shot draws; returns each draw's COCO predictions by ``(K, seed)``."""
     from yolo_fewshot import FewShotYOLO
 
     shutil.rmtree(b.out / name, ignore_errors=True)  # no stale predictions files from an earlier run
     FewShotYOLO(str(weights)).val(
         data=str(data), shots=shots, seeds=seeds, imgsz=b.a.imgsz, batch=b.a.batch, save_json=True, plots=False,
-        project=str(b.out), name=name, exist_ok=True, encoder=b.a.encoder, workers=0,
+        project=str(b.out), name=name, exist_ok=True, encoder=b.a.encoder, workers=0, verify=verify,
     )  # fmt: skip
     ks = [int(s) for s in shots.split(",")]
     many = len(ks) * seeds > 1  # the validator keeps one file per draw only when there are several
@@ -258,10 +263,10 @@ def _fewshot_val(b: Bench, weights: Path, data: Path, shots: str, seeds: int, na
     }
 
 
-def _fewshot_eval(b: Bench, weights: Path, tag: str) -> list[dict]:
+def _fewshot_eval(b: Bench, weights: Path, tag: str, verify: bool = True) -> list[dict]:
     """Both protocols for a trained few-shot model, every draw scored by :func:`score`."""
-    cat = _fewshot_val(b, weights, b.yaml, b.a.shots, b.a.seeds, f"{tag}-val-category")
-    inst = _fewshot_val(b, weights, b.iyaml, "1", b.a.seeds, f"{tag}-val-instance")
+    cat = _fewshot_val(b, weights, b.yaml, b.a.shots, b.a.seeds, f"{tag}-val-category", verify)
+    inst = _fewshot_val(b, weights, b.iyaml, "1", b.a.seeds, f"{tag}-val-instance", verify)
     return [b.category(d, k, seed) for (k, seed), d in cat.items()] + [
         b.instance(d, seed) for (_, seed), d in inst.items()
     ]
@@ -279,7 +284,7 @@ def _run_args(b: Bench, tag: str) -> dict:
                 workers=b.a.workers)  # fmt: skip
 
 
-def _train_fewshot(b: Bench, cfg: str, tag: str) -> tuple[Path, float]:
+def _train_fewshot(b: Bench, cfg: str, tag: str, **kw) -> tuple[Path, float]:
     from yolo_fewshot import FewShotYOLO
 
     best = b.out / tag / "weights" / "last.pt"
@@ -289,9 +294,23 @@ def _train_fewshot(b: Bench, cfg: str, tag: str) -> tuple[Path, float]:
     elif not best.is_file():
         FewShotYOLO(cfg, encoder=b.a.encoder).train(
             data=str(b.yaml), epochs=b.a.epochs, n_way=b.a.n_way, seed=0, shots=str(max(b.shots)), seeds=1,
-            val=False, **_run_args(b, tag),
+            val=False, **{**_run_args(b, tag), **kw},
         )  # fmt: skip
     return best, time.perf_counter() - t0
+
+
+# The prototype model's training settings, chosen on purpose (Ultralytics' optimizer=auto picks a tiny AdamW rate for
+# short runs): SGD at 0.01 as Ultralytics trains YOLOv8, one warm-up epoch, mosaic off for the last quarter.
+PROTO_TRAIN = dict(optimizer="SGD", lr0=0.01, momentum=0.937, warmup_epochs=1)
+
+
+def run_proto(b: Bench, verify: bool = True) -> None:
+    weights, t = _train_fewshot(
+        b, "yolov8n-lite0-proto.yaml", "proto", n_way=b.a.proto_n_way, close_mosaic=max(1, b.a.epochs // 4),
+        **PROTO_TRAIN,
+    )  # fmt: skip
+    tag = "proto" if verify else "proto-1pass"
+    b.record(tag, _fewshot_eval(b, weights, tag, verify), t if verify else 0.0)
 
 
 def run_ours(b: Bench, neck: str) -> None:
@@ -393,6 +412,8 @@ def run_upper(b: Bench) -> None:
 # -- report --------------------------------------------------------------------------------------------------------
 LABELS = {
     "cosine": "zero training: encoder cosine, sliding windows",
+    "proto": "ours: Lite0-proto, novel classes train-free, crop verification",
+    "proto-1pass": "ours: Lite0-proto, novel classes train-free, one pass (no verification)",
     "psalm": "ours: PSALM, novel classes train-free",
     "cheaf": "ours: CHEAF, novel classes train-free",
     "psalm-ft": "ours: PSALM + fine-tune on the K shots",
@@ -474,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--imgsz", type=int, default=320)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--n-way", type=int, default=2)
+    ap.add_argument("--proto-n-way", type=int, default=8, help="episode size of the proto model (cheap per class)")
     ap.add_argument("--shots", default="1,3,5")
     ap.add_argument("--ft-shots", default="5", help="K values of the fine-tune methods (each is a training run)")
     ap.add_argument("--seeds", type=int, default=2, help="reference draws per K")
@@ -489,6 +511,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run = {
         "cosine": run_cosine,
+        "proto": run_proto,
+        "proto-1pass": lambda b: run_proto(b, verify=False),
         "psalm": lambda b: run_ours(b, "psalm"),
         "cheaf": lambda b: run_ours(b, "cheaf"),
         "psalm-ft": run_psalm_ft,

@@ -6,9 +6,12 @@ layers their raw YAML args, assumes output channels == input channels and cannot
 1. the plugin's layer classes are injected into ``ultralytics.nn.tasks``' namespace, so YAML rows can name them;
 2. ``parse_model`` is rebuilt from its own installed source with one extra branch in front of ``if m in base_modules:``
    — a layer class that defines ``yaml_build(c_in, args, ctx) -> (args, c2)`` computes its own constructor args and
-   output width from the input widths and the scaling context. Nothing else in the function changes.
+   output width from the input widths and the scaling context. Nothing else in the function changes;
+3. Ultralytics' checkpoint loader ``torch_safe_load`` (which ``load_checkpoint`` looks up in its module at call time)
+   is replaced by :func:`yolo_fewshot.checkpoint.guarded` around it: safe (``weights_only=True`` + an allowlist) by
+   default, for every checkpoint loaded in the process.
 
-Both steps are idempotent. If the upstream source no longer has the anchor line or the variables the hook reads, the
+All steps are idempotent. If the upstream source no longer has the anchor line or the variables the hook reads, the
 import fails with a message naming the supported Ultralytics range instead of building a wrong model. Import paths of
 the registered classes are part of the checkpoint format (checkpoints pickle them): keep them stable.
 
@@ -99,10 +102,11 @@ def layers() -> dict[str, type]:
     from .nn.cheaf import CHEAF
     from .nn.head import FewShotDetect
     from .nn.lite_backbone import LiteBackbone
+    from .nn.prototype_detect import PrototypeDetect
     from .nn.psalm import PSALM
     from .nn.select import Select
 
-    return {c.__name__: c for c in (CHEAF, PSALM, Select, FewShotDetect, LiteBackbone)}
+    return {c.__name__: c for c in (CHEAF, PSALM, Select, FewShotDetect, PrototypeDetect, LiteBackbone)}
 
 
 def register() -> None:
@@ -125,7 +129,36 @@ def register() -> None:
         tasks.parse_model = fn
         if getattr(unn, "parse_model", None) is not None:
             unn.parse_model = fn
+    hook_checkpoint_loading()
     place_font()
+
+
+def hook_checkpoint_loading() -> None:
+    """Make Ultralytics' checkpoint loading safe by default (see :mod:`yolo_fewshot.checkpoint`; idempotent).
+
+    Raises:
+        UpstreamChanged: When ``load_checkpoint`` no longer loads through ``torch_safe_load`` (the guard would be
+            bypassed, so the import refuses rather than load checkpoints unsafely).
+    """
+    import ultralytics.nn as unn
+    from ultralytics.nn import tasks
+
+    from .checkpoint import guarded
+
+    if getattr(tasks.torch_safe_load, HOOK_ATTR, False):
+        return
+    if "torch_safe_load(weight)" not in inspect.getsource(tasks.load_checkpoint):
+        raise UpstreamChanged(
+            "yolo_fewshot cannot guard checkpoint loading: ultralytics.nn.tasks.load_checkpoint no longer calls "
+            f"torch_safe_load (upstream changed); install ultralytics{','.join(SUPPORTED)}"
+        )
+    original = tasks.torch_safe_load
+    fn = guarded(original)
+    setattr(fn, HOOK_ATTR, True)
+    setattr(fn, ORIGINAL_ATTR, original)
+    tasks.torch_safe_load = fn
+    if getattr(unn, "torch_safe_load", None) is not None:
+        unn.torch_safe_load = fn
 
 
 def place_font() -> None:

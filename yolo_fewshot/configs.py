@@ -70,8 +70,11 @@ def load_model_yaml(name: str | Path) -> dict[str, Any]:
 
 
 def neck_levels(cfg: dict[str, Any]) -> int:
-    """Number of pyramid levels the model's fusion neck takes (the length of its YAML row's ``from``)."""
+    """Number of pyramid levels the model's prototypes are made for: the length of the fusion neck's YAML ``from``
+    (PSALM / CHEAF), or half of the prototype head's (PrototypeDetect takes neck levels then as many trunk levels)."""
     for f, _, m, _ in cfg.get("head", []) + cfg.get("backbone", []):
         if m in ("PSALM", "CHEAF"):
             return len(f) if isinstance(f, list) else 1
-    raise ValueError(f"{cfg.get('yaml_file', 'model YAML')} has no PSALM or CHEAF row")
+        if m == "PrototypeDetect":
+            return len(f) // 2
+    raise ValueError(f"{cfg.get('yaml_file', 'model YAML')} has no PSALM, CHEAF or PrototypeDetect row")

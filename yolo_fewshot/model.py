@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,8 @@ from torch import Tensor, nn
 from ultralytics.engine.model import Model
 from ultralytics.utils import DEFAULT_CFG_DICT
 
+from .atomic import replace_atomic
+from .checkpoint import unsafe_loading
 from .configs import load_model_yaml
 from .encoders import EncoderSpec, SupportEncoder, build_encoder, configure_model_yaml
 from .engine.predict import FewShotPredictor
@@ -30,6 +31,9 @@ class FewShotYOLO(Model):
         model: A model YAML (``yolov8n-psalm-p2.yaml``; shipped names resolve without a path) or a ``.pt`` checkpoint.
         task: Only ``detect``.
         verbose: Print the layer table when building from YAML.
+        encoder: The support encoder (default: the one the YAML or checkpoint names).
+        unsafe_load: Load a ``.pt`` without the safe-loading allowlist (see :mod:`yolo_fewshot.checkpoint`): only for
+            old or foreign files you trust, since their pickle can run code.
 
     Examples:
         >>> model = FewShotYOLO("yolov8n-psalm-p2.yaml")
@@ -42,12 +46,14 @@ class FewShotYOLO(Model):
         task: str | None = None,
         verbose: bool = False,
         encoder: str | None = None,
+        unsafe_load: bool = False,
     ) -> None:
         if task not in (None, "detect"):
             raise ValueError(f"FewShotYOLO supports task='detect' only, got task='{task}'")
         # set before Model.__init__, which builds the detector: the encoder fixes the prototype widths
         self.__dict__.update(_encoder_request=encoder, _encoder=None, references=None)
-        super().__init__(model=model, task="detect", verbose=verbose)
+        with unsafe_loading(unsafe_load):  # a .pt loads with weights_only=True + allowlist unless opted out
+            super().__init__(model=model, task="detect", verbose=verbose)
         if encoder is not None and isinstance(self.model, FewShotDetectionModel) and encoder != self.encoder_name:
             raise ValueError(
                 f"{model} was trained with encoder {self.encoder_name}; its prototype widths are fixed, so "
@@ -58,6 +64,15 @@ class FewShotYOLO(Model):
                 f"{model} is a plain Ultralytics model, not a few-shot one; load it with ultralytics.YOLO or "
                 "train a few-shot model with `yolo-fewshot train model=yolov8n-psalm-p2.yaml`"
             )
+        if isinstance(self.model, (str, Path)) and str(self.model).endswith(".onnx"):
+            from .runtime.onnx import onnx_metadata
+
+            if not {"yolo_fewshot_references", "yolo_fewshot"} & set(onnx_metadata(self.model)):
+                raise ValueError(
+                    f"{model} is not a yolo_fewshot export (no yolo_fewshot metadata); export a few-shot model with "
+                    "model.export(format='onnx') (references baked in) or export(format='onnx', dynamic_refs=True); "
+                    "a plain Ultralytics ONNX loads with ultralytics.YOLO"
+                )
 
     @property
     def task_map(self) -> dict[str, dict[str, Any]]:
@@ -70,6 +85,21 @@ class FewShotYOLO(Model):
                 "predictor": FewShotPredictor,
             }
         }
+
+    def _load(self, weights: str, task: str | None = None) -> None:
+        """Ultralytics' loading, plus pretrained ``.safetensors`` models (weights + model YAML, no pickle; a bare name
+        such as ``yolofs-lite0-fold0.safetensors`` is a shipped one)."""
+        if not str(weights).lower().endswith(".safetensors"):
+            return super()._load(weights, task)
+        from .pretrained import load_pretrained
+
+        self.model = load_pretrained(weights)
+        self.task = self.model.task = "detect"
+        self.ckpt = {"pretrained": self.model.pt_path}  # truthy: training starts from these weights, not the YAML
+        self.ckpt_path = self.model.pt_path
+        self.overrides.update(model=self.model.pt_path, task="detect")
+        self.model.args = {**DEFAULT_CFG_DICT, **self.overrides}
+        self.model_name = str(weights)
 
     def _new(self, cfg: str, task: str | None = None, model: Any = None, verbose: bool = False) -> None:
         """Build from one of our YAMLs (resolved by :func:`~yolo_fewshot.configs.load_model_yaml`)."""
@@ -88,15 +118,23 @@ class FewShotYOLO(Model):
         kwargs.setdefault("encoder", self.encoder_name)
         return super().train(trainer, **kwargs)
 
-    def predict(self, source=None, stream: bool = False, predictor=None, refs: Any = None, **kwargs: Any):
-        """Ultralytics' predict on the model's references, or on ``refs`` (photos, folder or bank) set first."""
-        self._use_refs(refs)
-        return super().predict(source, stream, predictor, **kwargs)
+    def predict(
+        self, source=None, stream: bool = False, predictor=None, refs: Any = None, verify: bool | None = None, **kwargs
+    ):
+        """Ultralytics' predict on the model's references, or on ``refs`` (photos, folder or bank) set first;
+        ``verify`` switches crop verification of prototype-head models (default: on)."""
+        self._use_refs(refs, verify)
+        with _fetch_errors(source):
+            return super().predict(source, stream, predictor, **kwargs)
 
-    def track(self, source=None, stream: bool = False, persist: bool = False, refs: Any = None, **kwargs: Any):
+    def track(
+        self, source=None, stream: bool = False, persist: bool = False, refs: Any = None, verify: bool | None = None,
+        **kwargs: Any,
+    ):  # fmt: skip
         """Ultralytics' track (its trackers give temporal consistency); references are encoded once, not per frame."""
-        self._use_refs(refs)
-        return super().track(source, stream, persist, **kwargs)
+        self._use_refs(refs, verify)
+        with _fetch_errors(source):
+            return super().track(source, stream, persist, **kwargs)
 
     def export(self, refs: Any = None, dynamic_refs: bool = False, **kwargs: Any) -> str:
         """Ultralytics' export with the references baked in as constants (a single-input graph, any format the
@@ -125,7 +163,9 @@ class FewShotYOLO(Model):
             )
         return f
 
-    def _use_refs(self, refs: Any) -> None:
+    def _use_refs(self, refs: Any, verify: bool | None = None) -> None:
+        if verify is not None and isinstance(self.model, FewShotDetectionModel):
+            self.model.set_verify(verify)
         if refs is not None:
             self.set_references(refs)
         elif isinstance(self.model, FewShotDetectionModel) and self.model.prototypes is None:
@@ -175,6 +215,11 @@ class FewShotYOLO(Model):
         Returns:
             The bank, also kept as :attr:`references` (``model.references.save("bank.safetensors")``).
         """
+        if not isinstance(self.model, FewShotDetectionModel):  # an exported file: its classes are fixed
+            raise ValueError(
+                f"{self.model} is an exported model: its references are baked in (or it has none); predict without "
+                "refs=, or set references on the .pt checkpoint (or use a dynamic_refs export's detector.onnx)"
+            )
         bank = build_bank(self.encoder, refs, negatives, method)
         levels = len(self.model.proto_dims)
         negatives, negative_of = bank.negative_prototypes(levels)
@@ -205,7 +250,18 @@ def add_onnx_metadata(path: str | Path, items: dict[str, str]) -> None:
     for k, v in items.items():
         entry = next((p for p in model.metadata_props if p.key == k), None) or model.metadata_props.add()
         entry.key, entry.value = k, v
-    fd, tmp = tempfile.mkstemp(prefix=".meta.", suffix=".onnx", dir=Path(path).parent)
-    os.close(fd)
-    onnx.save(model, tmp)
-    os.replace(tmp, path)
+    replace_atomic(path, lambda tmp: onnx.save(model, tmp))
+
+
+@contextlib.contextmanager
+def _fetch_errors(source: Any) -> Iterator[None]:
+    """A URL source that cannot be downloaded (no network) becomes one line naming it and the fix."""
+    try:
+        yield
+    except ConnectionError:
+        if not str(source).lower().startswith(("http://", "https://", "rtsp://", "rtmp://", "tcp://")):
+            raise
+        raise ConnectionError(
+            f"cannot fetch source {source} (no network, or the address is wrong); download it and pass the local "
+            "file, or check the connection"
+        ) from None

@@ -113,6 +113,12 @@ class EpisodeSampler:
             raise ValueError(
                 f"need n_way >= 1, k_max >= 1 and 0 <= hard_negatives <= 1; got {n_way}, {k_max}, {hard_negatives}"
             )
+        if not any(table.by_class.get(c) for c in classes):  # every label file empty: nothing to draw references from
+            raise ValueError(
+                f"no labelled box of the trained classes {list(classes)} (ids in the data YAML) to draw references "
+                "from: the training label files hold none (all empty?); label the images (one 'class x y w h' line "
+                "per box in labels/<split>/<image>.txt)"
+            )
         self.table, self.classes, self.n_way, self.k_max = table, list(classes), n_way, k_max
         self.hard = hard_negatives
         self.rng = np.random.default_rng(seed)
@@ -191,15 +197,24 @@ class EpisodeSampler:
         ], slots
 
 
-def remap_labels(batch_idx: Tensor, cls: Tensor, slots: list[list[int]]) -> tuple[Tensor, Tensor]:
-    """Map dataset class ids to episode slots; boxes of classes outside their image's episode are dropped.
+def remap_labels(
+    batch_idx: Tensor, cls: Tensor, slots: list[list[int]], keep_unasked: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Map dataset class ids to episode slots.
+
+    Args:
+        batch_idx: Image index of each box ``[n]`` (or ``[n, 1]``).
+        cls: Dataset class of each box.
+        slots: Per image, the class id of each episode slot (-1: empty).
+        keep_unasked: Keep the boxes of classes outside their image's episode, with slot -1 (a class-agnostic head
+            learns objectness from them); by default they are dropped.
 
     Returns:
-        ``keep`` mask over the boxes and the new class column (slot index) for the kept ones.
+        ``keep`` mask over the boxes and the new class column (slot index, or -1) for the kept ones.
     """
     lookup = [{c: s for s, c in enumerate(sl) if c >= 0} for sl in slots]
     new = torch.full_like(cls.view(-1), -1)
     for j, (b, c) in enumerate(zip(batch_idx.view(-1).tolist(), cls.view(-1).tolist())):
         new[j] = lookup[int(b)].get(int(c), -1)
-    keep = new >= 0
+    keep = torch.ones_like(new, dtype=torch.bool) if keep_unasked else new >= 0
     return keep, new[keep].view(-1, 1).to(cls.dtype)

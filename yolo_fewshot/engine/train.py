@@ -19,6 +19,7 @@ from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import LOGGER, RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
+from ..checkpoint import read_checkpoint
 from ..configs import load_model_yaml
 from ..data.episodes import EpisodeSampler, remap_labels
 from ..data.kshot import kshot_images, list_images, write_kshot_list
@@ -26,7 +27,7 @@ from ..data.split import FewShotSplit
 from ..data.support import crop_table, instance_table
 from ..encoders import build_encoder, configure_model_yaml
 from ..nn.detector import FewShotDetectionModel
-from .cfg import FEWSHOT_CFG, PLUGIN_DEFAULTS, parse_shots
+from .cfg import FEWSHOT_CFG, PLUGIN_DEFAULTS, check_settings, cpu_threads, parse_shots
 from .val import FewShotValidator
 
 
@@ -46,7 +47,7 @@ def training_finished(last: str | Path) -> bool:
     False for a missing file or an interrupted run, which ``resume=True`` continues."""
     if not Path(last).is_file():
         return False
-    return torch.load(last, map_location="cpu", weights_only=False).get("epoch") == -1
+    return read_checkpoint(last).get("epoch") == -1  # a safe load (yolo_fewshot/checkpoint.py)
 
 
 def cache_dir(args: Any, data: dict) -> Path:
@@ -65,6 +66,7 @@ class FewShotTrainer(DetectionTrainer):
             )
         # Ultralytics' DDP launcher rebuilds the trainer with its plain default config as `cfg`: add our keys back
         cfg = {**PLUGIN_DEFAULTS, **cfg2dict(cfg)}
+        check_settings({**cfg, **(overrides or {})})  # n_way=0, seeds=-1, ...: one line before any work
         super().__init__(cfg, overrides, _callbacks)
         self.wdir, self.last, self.best = (AtomicPath(p) for p in (self.wdir, self.last, self.best))
         self.split = FewShotSplit.from_data(self.data)
@@ -72,6 +74,8 @@ class FewShotTrainer(DetectionTrainer):
             raise ValueError("every class is listed as novel; leave at least one base class to train on")
         if self.args.finetune:
             self._setup_finetune()
+        if self.device.type == "cpu":  # Ultralytics leaves one core idle (cpu_count - 1 threads); training uses all
+            torch.set_num_threads(cpu_threads())
         self.sampler: EpisodeSampler | None = None
         self.support = None  # InstanceTable of the support split (all classes), shared with the validator
         self._encoder = None
@@ -100,6 +104,9 @@ class FewShotTrainer(DetectionTrainer):
         model = FewShotDetectionModel(cfg, ch=self.data["channels"], verbose=verbose and RANK == -1)
         if weights:
             model.load(weights)
+        frozen = [i for i, m in enumerate(model.model) if getattr(m, "frozen", False)]
+        if frozen and self.args.freeze is None:  # else Ultralytics would switch the frozen trunk's gradients back on
+            self.args.freeze = frozen
         return model
 
     def set_model_attributes(self) -> None:
@@ -170,7 +177,8 @@ class FewShotTrainer(DetectionTrainer):
             protos = self._encode_refs(sampler.table, refs)
         else:
             protos, slots = sampler.sample(list(batch["im_file"]), present)
-        keep, new_cls = remap_labels(batch["batch_idx"], batch["cls"], slots)
+        keep_unasked = unwrap_model(self.model).class_agnostic  # their boxes still teach objectness (slot -1)
+        keep, new_cls = remap_labels(batch["batch_idx"], batch["cls"], slots, keep_unasked)
         batch["cls"], batch["bboxes"], batch["batch_idx"] = new_cls, batch["bboxes"][keep], batch["batch_idx"][keep]
         levels = len(unwrap_model(self.model).proto_dims)  # a P3–P5 model fuses the encoder's last three levels
         batch["protos"] = [p.to(self.device, batch["img"].dtype) for p in protos[-levels:]]
@@ -198,7 +206,8 @@ class FewShotTrainer(DetectionTrainer):
 
     # -- validation ------------------------------------------------------------------------------------------------
     def get_validator(self) -> FewShotValidator:
-        self.loss_names = "box_loss", "cls_loss", "dfl_loss"
+        model = unwrap_model(self.model)
+        self.loss_names = ("box_loss", "cls_loss", "dfl_loss") + (("sim_loss",) if model.class_agnostic else ())
         return FewShotValidator(
             self.test_loader,
             save_dir=self.save_dir,

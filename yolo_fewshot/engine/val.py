@@ -18,7 +18,7 @@ from ultralytics.utils import LOGGER
 from ..data.episodes import InstanceTable
 from ..data.split import FewShotSplit
 from ..nn.detector import FewShotDetectionModel
-from .cfg import PLUGIN_DEFAULTS, parse_shots
+from .cfg import PLUGIN_DEFAULTS, check_settings, parse_shots
 from .coco import coco_evaluate, coco_ground_truth, write_json
 
 
@@ -40,10 +40,11 @@ class FewShotValidator(DetectionValidator):
     def __init__(self, dataloader=None, save_dir=None, args=None, _callbacks=None, support=None, split=None) -> None:
         args = _as_dict(args)
         plugin = {k: args.pop(k, v) for k, v in PLUGIN_DEFAULTS.items()}
+        check_settings(plugin)  # seeds=0, shots=0, ...: one line, before Ultralytics reads anything
         super().__init__(dataloader, save_dir, args, _callbacks)
         for k, v in plugin.items():
             setattr(self.args, k, v)
-        self.shots, self.n_seeds = parse_shots(self.args.shots), max(1, int(self.args.seeds))
+        self.shots, self.n_seeds = parse_shots(self.args.shots), int(self.args.seeds)
         self.k, self.seed = self.shots[-1], 0
         self._support, self.split = support, split
         self.table: InstanceTable | None = None
@@ -64,6 +65,8 @@ class FewShotValidator(DetectionValidator):
             self._saved_state = (fs.prototypes, dict(fs.names), list(fs.__dict__.get("_negative_of") or []))
             fs._negative_of = []  # validation binds its own per-image prototypes of every class, without negatives
         self.fs_model = fs
+        if fs.can_verify:
+            fs.set_verify(bool(self.args.verify))
         self.split = self.split or FewShotSplit.from_data(self.data)
         names = dict(self.split.names)
         fs.names = model.names = names
@@ -113,6 +116,13 @@ class FewShotValidator(DetectionValidator):
             LOGGER.warning(
                 f"few-shot val: classes {missing} have no reference instance in the '{self.split.support}' "
                 "split; they cannot be detected"
+            )
+        self.k_used = {self.split.names[c]: min(self.k, len(o)) for c, o in self.order.items()}
+        short = {n: k for n, k in self.k_used.items() if 0 < k < self.k}
+        if short:
+            LOGGER.warning(
+                f"few-shot val: shots={self.k} but the '{self.split.support}' split has fewer instances of "
+                f"{', '.join(f'{n} ({k})' for n, k in short.items())}; their prototypes use all of them (K used)"
             )
         self.default = {c: self._proto(c, None) for c in self.split.names}
 
@@ -185,7 +195,15 @@ class FewShotValidator(DetectionValidator):
                     if self.fs_model is not None:  # the support table is kept across runs; only the draw changes
                         self._prepare_draw()
                     stats = super().__call__(trainer, model)
-                    self.results.append({"shots": k, "seed": seed, **self.split_metrics(), **self.coco_stats})
+                    self.results.append(
+                        {
+                            "shots": k,
+                            "seed": seed,
+                            "k_used": dict(self.k_used),
+                            **self.split_metrics(),
+                            **self.coco_stats,
+                        }
+                    )
             self.print_fewshot_summary()
             self.metrics.fewshot = list(self.results)  # per draw, for API users: FewShotYOLO.val(...).fewshot
             return stats

@@ -21,8 +21,10 @@ from ultralytics.nn.tasks import DetectionModel
 
 from ..configs import load_model_yaml
 from ..encoders import build_encoder, is_trainable
-from .loss import EpisodicDetectionLoss
+from .loss import EpisodicDetectionLoss, PrototypeDetectionLoss
+from .prototype_detect import PrototypeDetect
 from .prototypes import PrototypeConsumer, as_prototypes
+from .verify import CropVerifier
 
 BYPASS_NAMES = {0: "object"}
 
@@ -43,14 +45,15 @@ class FewShotDetectionModel(DetectionModel):
         self._protos: list[Tensor] | None = None
         cfg = cfg if isinstance(cfg, dict) else load_model_yaml(cfg)
         super().__init__(cfg, ch=ch, nc=1, verbose=verbose)
-        consumers = [m for m in self.model if isinstance(m, PrototypeConsumer)]
-        necks = [m for m in consumers if hasattr(m, "proto_dims")]
-        if not necks:
+        consumers = [m for m in self.model if isinstance(m, PrototypeConsumer) and hasattr(m, "proto_dims")]
+        if not consumers:
             raise ValueError(
-                f"{cfg.get('yaml_file', 'model YAML')} has no fusion neck (CHEAF/PSALM) to take prototypes"
+                f"{cfg.get('yaml_file', 'model YAML')} has no layer that takes prototypes (a CHEAF/PSALM neck or a "
+                "PrototypeDetect head)"
             )
-        self.proto_dims: list[int] = necks[0].proto_dims
+        self.proto_dims: list[int] = consumers[0].proto_dims
         self.names = dict(BYPASS_NAMES)
+        self.verifier = CropVerifier() if self.can_verify else None
         if is_trainable(self.yaml.get("encoder")):  # learned with the detector, so saved with it (no frozen weights)
             self.support_encoder = build_encoder(self.yaml["encoder"])
 
@@ -102,6 +105,20 @@ class FewShotDetectionModel(DetectionModel):
         self._protos = [t.to(p.device, p.dtype) for t in protos]
         self.names = dict(enumerate(names))
 
+    @property
+    def can_verify(self) -> bool:
+        """Crop verification needs a class-agnostic head and a frozen trunk that is the prototypes' encoder."""
+        return self.class_agnostic and bool(getattr(self.model[0], "frozen", False))
+
+    def set_verify(self, on: bool | CropVerifier) -> None:
+        """Switch crop verification (:class:`~yolo_fewshot.nn.verify.CropVerifier`) on (default settings or the given
+        ones) or off; refused for a model that cannot verify."""
+        if on and not self.can_verify:
+            raise ValueError(
+                "verify=True needs a prototype-head model on a frozen trunk (e.g. yolov8n-lite0-proto.yaml)"
+            )
+        self.verifier = (on if isinstance(on, CropVerifier) else CropVerifier()) if on else None
+
     def _bind(self, protos: list[Tensor] | None) -> None:
         for m in self.model:
             if isinstance(m, PrototypeConsumer):
@@ -116,6 +133,9 @@ class FewShotDetectionModel(DetectionModel):
             out = super().predict(x, *args, **kwargs)
         finally:
             self._bind(None)
+        verifier = self.__dict__.get("verifier")
+        if verifier is not None and isinstance(out, tuple) and not self.training and self.prototypes is not None:
+            out = verifier(self.model[0], x, out[0], out[1]["obj"], self.prototypes[-1]), out[1]
         neg = self.__dict__.get("_negative_of") or []
         if not neg or self.training:
             return out
@@ -126,8 +146,14 @@ class FewShotDetectionModel(DetectionModel):
         return suppress_negatives(out, neg)
 
     # -- training ------------------------------------------------------------------------------------------------------
-    def init_criterion(self) -> EpisodicDetectionLoss:
-        return EpisodicDetectionLoss(self)
+    @property
+    def class_agnostic(self) -> bool:
+        """Whether boxes and objectness are class-agnostic (a :class:`PrototypeDetect` head): training then keeps the
+        boxes of classes an episode does not ask about, as objects."""
+        return isinstance(self.model[-1], PrototypeDetect)
+
+    def init_criterion(self) -> EpisodicDetectionLoss | PrototypeDetectionLoss:
+        return PrototypeDetectionLoss(self) if self.class_agnostic else EpisodicDetectionLoss(self)
 
     def loss(self, batch: dict, preds: Any = None):
         """Ultralytics' loss; a batch may carry per-image episode prototypes (``batch["protos"]``, ``[B, N, M, D]``),
@@ -138,7 +164,8 @@ class FewShotDetectionModel(DetectionModel):
         try:
             if getattr(self, "criterion", None) is None:
                 self.criterion = self.init_criterion()
-            self.criterion.set_num_classes(1 if self._protos is None else int(self._protos[0].shape[1]))
+            if isinstance(self.criterion, EpisodicDetectionLoss):
+                self.criterion.set_num_classes(1 if self._protos is None else int(self._protos[0].shape[1]))
             return super().loss(batch, preds)
         finally:
             self._protos = saved
@@ -148,10 +175,11 @@ class FewShotDetectionModel(DetectionModel):
 
     def _predict_once(self, x: Tensor, profile: bool = False, embed: Any = None):
         """Ultralytics' layer loop, except that with more than ``class_chunk`` reference classes (inference) the layers
-        from the first prototype consumer on run chunk by chunk, and the chunks' outputs are merged exactly."""
+        from the first prototype consumer on run chunk by chunk, and the chunks' outputs are merged exactly (per-class
+        necks only: a class-agnostic head costs one matrix product per class and needs no chunks)."""
         protos = self.prototypes
         n = None if protos is None else int(protos[0].shape[1])
-        if self.training or profile or embed or n is None or n <= self.class_chunk:
+        if self.training or profile or embed or n is None or n <= self.class_chunk or self.class_agnostic:
             return super()._predict_once(x, profile, embed)
         first = next(i for i, m in enumerate(self.model) if isinstance(m, PrototypeConsumer))
         shared_y: list = []

@@ -1,0 +1,168 @@
+"""The one-feature-space model: frozen trunk = encoder, class-agnostic head, cosine prior, crop verification."""
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from skimage import data
+from ultralytics.utils.tal import make_anchors
+
+from yolo_fewshot import FewShotYOLO
+from yolo_fewshot.encoders.base import masked_mean
+from yolo_fewshot.nn.detector import FewShotDetectionModel
+from yolo_fewshot.nn.loss import PrototypeDetectionLoss
+from yolo_fewshot.nn.prototype_detect import PrototypeDetect
+from yolo_fewshot.nn.verify import CropVerifier
+from yolo_fewshot.references.crops import make_crop
+
+YAML = "yolov8n-lite0-proto.yaml"
+
+
+@pytest.fixture(scope="module")
+def model() -> FewShotDetectionModel:
+    torch.manual_seed(0)
+    return FewShotDetectionModel(YAML, verbose=False).eval()
+
+
+def _protos(model, n: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, d, generator=g) for d in model.proto_dims]
+
+
+def _pasted_scene() -> tuple[np.ndarray, tuple[int, int, int, int], np.ndarray]:
+    """The cat of scikit-image's ``chelsea`` pasted on gravel: (scene, its box xyxy, the reference photo)."""
+    cat = data.chelsea()
+    scene = cv2.resize(np.repeat(data.gravel()[..., None], 3, -1), (320, 320))
+    x0, y0, w, h = 40, 180, 96, 80
+    scene[y0 : y0 + h, x0 : x0 + w] = cv2.resize(cat[30:280, 100:400], (w, h))
+    return scene, (x0, y0, x0 + w, y0 + h), cat
+
+
+def test_trunk_is_frozen_and_is_the_encoder(model):
+    trunk = model.model[0]
+    assert trunk.frozen and not any(p.requires_grad for p in trunk.parameters())
+    model.train()
+    assert not trunk.training  # ImageNet BatchNorm statistics are kept in training mode
+    model.eval()
+    assert model.class_agnostic and model.can_verify and isinstance(model.model[-1], PrototypeDetect)
+
+
+def test_prototypes_are_masked_means_of_the_backbones_maps():
+    m = FewShotYOLO(YAML)
+    cat = data.chelsea()
+    box = [100, 30, 400, 280]
+    bank = m.set_references({"cat": [(cat, box)]})
+    crop, mask = make_crop(cat, box, size=m.encoder.spec.input_size)
+    with torch.no_grad():
+        maps = m.model.model[0](crop[None])  # the detector's own trunk: P2..P5
+    expected = [masked_mean(f, mask[None]) for f in maps[-len(m.model.proto_dims) :]]
+    for got, want in zip(m.model.prototypes, expected):
+        torch.testing.assert_close(got[0, 0, 0], want[0], atol=1e-4, rtol=1e-4)
+    assert bank is not None
+
+
+def test_similarity_prior_at_step_zero_is_the_direct_cosine(model):
+    protos = _protos(model, 3)
+    model.set_prototypes(protos)
+    x = torch.rand(1, 3, 256, 192)
+    with torch.no_grad():
+        _, raw = model(x)
+        trunk = model.model[0](x)[1:]  # P3..P5
+    head = model.model[-1]
+    model._bind(model.prototypes)
+    with torch.no_grad():
+        learned = head.similarity(raw["feats"], [torch.zeros_like(t) for t in trunk])  # prior term zeroed
+    model._bind(None)
+    direct = []
+    for lv, (f, p) in enumerate(zip(trunk, protos)):
+        cos = F.cosine_similarity(f[0].flatten(1)[None], p[:, :, None], dim=1)  # [N, HW], one location at a time
+        direct.append(head.prior_scale[lv] * cos)
+    torch.testing.assert_close(raw["sim"][0] - learned[0], torch.cat(direct, 1), atol=1e-4, rtol=1e-4)
+    # the learned term starts small against the prior: the untrained scores follow the prior's ranking
+    prior = torch.cat(direct, 1).flatten()
+    assert torch.corrcoef(torch.stack([raw["sim"][0].flatten(), prior]))[0, 1] > 0.8
+    model.set_prototypes(None)
+
+
+def test_one_class_scores_the_same_alone_or_among_many(model):
+    model.set_verify(False)
+    x = torch.rand(2, 3, 224, 224)
+    protos = _protos(model, 6)
+    model.set_prototypes(protos)
+    with torch.no_grad():
+        many = model(x)[0]
+    model.set_prototypes([p[4:5] for p in protos])
+    with torch.no_grad():
+        alone = model(x)[0]
+    torch.testing.assert_close(alone[:, 4], many[:, 8], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(alone[:, :4], many[:, :4])  # class-agnostic boxes
+    model.set_prototypes(None)
+    model.set_verify(True)
+
+
+def test_zero_init_dense_scores_peak_on_the_pasted_object():
+    m = FewShotYOLO(YAML)
+    scene, (x1, y1, x2, y2), cat = _pasted_scene()
+    m.set_references({"cat": [cat]})
+    net = m.model.eval()
+    x = torch.from_numpy(scene).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        _, raw = net(x)
+    anchors, strides = make_anchors(raw["feats"], net.stride, 0.5)
+    cx, cy = (anchors * strides)[raw["sim"][0, 0].argmax()].tolist()
+    assert x1 <= cx <= x2 and y1 <= cy <= y2
+
+
+def test_crop_verifier_scores_the_pasted_object_first():
+    m = FewShotYOLO(YAML)
+    scene, box, cat = _pasted_scene()
+    m.set_references({"cat": [cat]})
+    net = m.model.eval()
+    x = torch.from_numpy(scene).permute(2, 0, 1)[None].float() / 255
+    # candidates: a grid of background boxes clear of the cat, and the cat's box; objectness equal everywhere
+    grid = [[cx, cy, 96, 80] for cx in range(48, 320, 64) for cy in range(40, 320, 60)]
+    boxes = [b for b in grid if abs(b[0] - 88) >= 96 or abs(b[1] - 220) >= 80] + [[88, 220, 96, 80]]
+    y = torch.cat([torch.tensor(boxes, dtype=torch.float).T[None], torch.full((1, 1, len(boxes)), 0.5)], 1)
+    out = CropVerifier(topk=len(boxes), iou=1.0)(net.model[0], x, y, torch.zeros(1, 1, len(boxes)), net.prototypes[-1])
+    assert int(out[0, 4].argmax()) == len(boxes) - 1
+    assert out.shape == y.shape and torch.equal(out[:, :4], y[:, :4])
+
+
+def test_verifier_crops_keep_the_box_layout_of_reference_crops():
+    img = torch.zeros(1, 3, 100, 200)
+    crops, masks = CropVerifier(size=64, context=0.1).crops(img, torch.tensor([0]), torch.tensor([[20.0, 10, 120, 60]]))
+    assert crops.shape == (1, 3, 64, 64) and masks.shape == (1, 1, 64, 64)
+    # a 100x50 box in a square window of side 120: mask 64*100/120 wide, 64*50/120 high, centred
+    cols, rows = masks[0, 0].amax(0).sum().item(), masks[0, 0].amax(1).sum().item()
+    assert abs(cols - 64 * 100 / 120) <= 1.5 and abs(rows - 64 * 50 / 120) <= 1.5
+
+
+def test_loss_teaches_objectness_from_every_box_and_similarity_from_the_episode(model):
+    from ultralytics.cfg import get_cfg
+
+    model.args = get_cfg()
+    model.criterion = None
+    model.train()
+    x = torch.rand(2, 3, 160, 160)
+    # per level [B=2, N=2, M=1, D]; image 0's second slot is empty (all zero)
+    protos = [torch.stack([p, p])[:, :, None].clone() for p in _protos(model, 2)]
+    for p in protos:
+        p[0, 1] = 0
+    batch = {
+        "img": x,
+        "batch_idx": torch.tensor([0.0, 0.0, 1.0]),
+        "cls": torch.tensor([[0.0], [-1.0], [1.0]]),  # slot 0, an object of a class not asked about, slot 1
+        "bboxes": torch.tensor([[0.3, 0.3, 0.3, 0.3], [0.7, 0.7, 0.2, 0.2], [0.5, 0.5, 0.4, 0.4]]),
+        "protos": protos,
+    }
+    loss, items = model.loss(batch)
+    assert isinstance(model.criterion, PrototypeDetectionLoss)
+    assert set(items) == {"box_loss", "cls_loss", "dfl_loss", "sim_loss"}
+    assert all(torch.isfinite(v) for v in items.values()) and items["sim_loss"] > 0
+    loss.sum().backward()
+    head = model.model[-1]
+    assert head.embed_scale.grad is not None and head.embed_scale.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.model[0].parameters())
+    model.zero_grad()
+    model.eval()

