@@ -216,20 +216,48 @@ def test_window_matching_finds_the_reference_object():
 
 # -- the demo ------------------------------------------------------------------------------------------------------
 def test_demo_runs_end_to_end(tmp_path, monkeypatch):
-    """The demo's whole path (data, training, K-shot validation, predictions with thumbnails, report) on synthetic
-    cut-outs; the Debian fetch is the one step replaced (the tests stay offline)."""
+    """The demo's default path (data, K-shot validation, predictions with thumbnails, found / false-positive counts,
+    report) on synthetic cut-outs, with an untrained prototype model in place of the shipped one; the Debian fetch is
+    the one step replaced (the tests stay offline)."""
     from yolo_fewshot import demo
 
     monkeypatch.setattr(bm, "load_sources", lambda cache, log=print: synthetic_sources())
-    out = demo.run_demo(epochs=1, imgsz=64, batch=8, n_train=16, n_val=8, project=str(tmp_path), name="demo",
-                        workers=0)  # fmt: skip
+    out = demo.run_demo(model="yolov8n-lite0-proto.yaml", imgsz=64, n_val=8, project=str(tmp_path), name="demo")
     report = json.loads((out / "results.json").read_text())
     assert [r["shots"] for r in report["validation"]] == [1, 3]
     assert all("coco_novel_mAP50" in r for r in report["validation"])
-    assert report["predictions"] and len(list((out / "predictions").glob("*.jpg"))) == len(report["predictions"])
+    found = report["found"]
+    assert found["objects"] > 0 and 0 <= found["found"] <= found["objects"]
+    assert found["scenes"] == len(report["predictions"]) > 0
+    assert len(list((out / "predictions").glob("*.jpg"))) == len(report["predictions"])
     assert cv2.imread(str(out / "demo.jpg")).shape[2] == 3
-    assert "| K (references per class) |" in (out / "results.md").read_text()
+    assert "novel objects found" in (out / "results.md").read_text()
     assert sorted(p.name for p in (out / "refs").iterdir()) == ["fruit", "vegetables"]
+
+
+def test_demo_train_path(tmp_path, monkeypatch):
+    """``train=True``: a short episodic run from the YAML, then the same scoring with the trained weights."""
+    from yolo_fewshot import demo
+
+    monkeypatch.setattr(bm, "load_sources", lambda cache, log=print: synthetic_sources())
+    out = demo.run_demo(train=True, epochs=1, imgsz=64, batch=8, n_train=16, n_val=8, project=str(tmp_path))
+    report = json.loads((out / "results.json").read_text())
+    assert report["model"].endswith("last.pt") and (out / "train" / "weights" / "last.pt").is_file()
+    assert [r["shots"] for r in report["validation"]] == [1, 3]
+
+
+def test_found_and_false_positives_on_hand_cases():
+    from yolo_fewshot.demo import found_and_false
+
+    truth = {"a.jpg": [("fruit", [0, 0, 10, 10]), ("fruit", [20, 20, 30, 30])], "b.jpg": [("veg", [0, 0, 10, 10])]}
+    preds = [
+        {"image": "a.jpg", "detections": [["fruit", 0.9, [0, 0, 10, 10]], ["fruit", 0.8, [1, 0, 10, 10]]]},
+        {"image": "b.jpg", "detections": [["fruit", 0.7, [0, 0, 10, 10]], ["veg", 0.6, [0, 0, 10, 11]]]},
+    ]
+    r = found_and_false(preds, truth)
+    # a: one hit, the duplicate is a false positive; b: wrong class is a false positive, veg is found
+    assert (r["objects"], r["found"], r["false_positives"], r["scenes"]) == (3, 2, 2, 2)
+    assert r["found_share"] == round(2 / 3, 4) and r["fp_per_scene"] == 1.0
 
 
 def test_demo_rejects_unknown_keys():

@@ -66,7 +66,7 @@ class FewShotValidator(DetectionValidator):
             fs._negative_of = []  # validation binds its own per-image prototypes of every class, without negatives
         self.fs_model = fs
         if fs.can_verify:
-            fs.set_verify(bool(self.args.verify))
+            fs.set_verify(bool(self.args.verify), self.args.proposals if self.args.verify else None)
         self.split = self.split or FewShotSplit.from_data(self.data)
         names = dict(self.split.names)
         fs.names = model.names = names
@@ -171,6 +171,11 @@ class FewShotValidator(DetectionValidator):
         LOGGER.info("pycocotools: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in self.coco_stats.items()))
         return stats
 
+    @staticmethod
+    def empty_coco_stats() -> dict[str, float]:
+        """pycocotools' scores of a draw without any prediction."""
+        return {f"coco_{part}_{m}": 0.0 for part in ("all", "base", "novel") for m in ("mAP50-95", "mAP50")}
+
     # -- runs ------------------------------------------------------------------------------------------------------
     def split_metrics(self) -> dict[str, float]:
         """Base and novel mAP50 / mAP50-95 of the last run (over classes with labels in the split)."""
@@ -194,6 +199,9 @@ class FewShotValidator(DetectionValidator):
                     self.k, self.seed = k, seed
                     if self.fs_model is not None:  # the support table is kept across runs; only the draw changes
                         self._prepare_draw()
+                    # Ultralytics scores the JSON only when there is a prediction: a draw that finds nothing scores 0,
+                    # never the previous draw's numbers
+                    self.coco_stats = self.empty_coco_stats() if self.args.save_json else {}
                     stats = super().__call__(trainer, model)
                     self.results.append(
                         {
