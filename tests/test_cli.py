@@ -84,3 +84,15 @@ def test_warnings_are_one_line(tmp_path, capsys):
     assert entrypoint(["info", "model=yolov8n-psalm.yaml", "encoder=efficientnet-lite0", f"refs={tmp_path}"]) == 0
     err = [ln for ln in capsys.readouterr().err.splitlines() if "1x1 px" in ln]
     assert err and err[0].startswith("yolo-fewshot: warning: reference ") and "larger photo" in err[0]
+
+
+def test_cli_exports_dynamic_references(tmp_path):
+    """``yolo-fewshot export ... dynamic_refs=True`` writes the two-graph export (no references needed), and the key
+    is refused outside export with one line."""
+    from yolo_fewshot.cli import entrypoint
+
+    args = ["model=yolov8n-lite0-proto.yaml", "format=onnx", "dynamic_refs=True", "imgsz=128", f"project={tmp_path}"]
+    assert entrypoint(["export", *args]) == 0
+    out = tmp_path / "yolov8n-lite0-proto_dynamic"
+    assert (out / "detector.onnx").is_file() and (out / "encoder.onnx").is_file()
+    assert entrypoint(["predict", "model=yolov8n-lite0-proto.yaml", "dynamic_refs=True", "source=x.jpg"]) == 2

@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from .engine.cfg import PLUGIN_DEFAULTS
@@ -30,6 +31,7 @@ modes:
   predict    detect in images/videos           yolo-fewshot predict model=best.pt source=scene.jpg
   export     export (Ultralytics' formats)     yolo-fewshot export model=best.pt format=onnx
   track, benchmark                             as in Ultralytics' `yolo`
+  studio     a local web page: references, boxes, detections, bank, export   yolo-fewshot studio port=7878
   version    print versions
 
 Every key Ultralytics' `yolo` accepts works here too (see `yolo cfg`)."""
@@ -37,7 +39,8 @@ Every key Ultralytics' `yolo` accepts works here too (see `yolo cfg`)."""
 MODES = ("demo", "info", "train", "val", "predict", "export", "track", "benchmark")
 # encoder=, refs=, n_way=, k_max=, shots=, seeds=, ... (engine/cfg.py); unsafe_load=True: load a .pt you trust without
 # the safe-loading allowlist (yolo_fewshot/checkpoint.py)
-PLUGIN_KEYS: dict[str, Any] = {**PLUGIN_DEFAULTS, "unsafe_load": False}
+# dynamic_refs=True (export): detector.onnx with a prototypes input + encoder.onnx, for the torch-free runtime
+PLUGIN_KEYS: dict[str, Any] = {**PLUGIN_DEFAULTS, "unsafe_load": False, "dynamic_refs": False}
 
 
 class UsageError(Exception):
@@ -140,7 +143,11 @@ def run(mode: str, overrides: dict[str, Any]) -> Any:
         unsafe_load=bool(overrides.pop("unsafe_load", False)),
     )
     refs = overrides.pop("refs", None)
-    if mode in ("predict", "track", "export") and refs is None and getattr(model.model, "prototypes", 0) is None:
+    dynamic = bool(overrides.pop("dynamic_refs", False))
+    if dynamic and mode != "export":
+        raise UsageError(f"dynamic_refs= is an export setting (yolo-fewshot export ... dynamic_refs=True), not {mode}")
+    needs_refs = mode in ("predict", "track") or (mode == "export" and not dynamic)
+    if needs_refs and refs is None and getattr(model.model, "prototypes", 0) is None:
         raise UsageError(
             "this model has no references to look for; add refs=<folder of <class>/ photos or bank.safetensors>"
         )
@@ -152,6 +159,10 @@ def run(mode: str, overrides: dict[str, Any]) -> Any:
         )
     if mode == "info":
         return model.info(detailed=bool(overrides.get("verbose", False)), verbose=True)
+    if dynamic:
+        path = model.export(dynamic_refs=True, **overrides)
+        print(f"exported {path} and {Path(path).with_name('encoder.onnx')} (references as an input)")
+        return path
     return getattr(model, mode)(**overrides)
 
 
@@ -173,6 +184,10 @@ def entrypoint(argv: Sequence[str] | None = None) -> int:
 
         print(f"yolo_fewshot {__version__} (ultralytics {ultralytics.__version__}, torch {torch.__version__})")
         return 0
+    if args and args[0] == "studio":  # the reference studio (yolo_fewshot/studio/): its own keys, its one-line errors
+        from .studio.command import main as studio_main
+
+        return studio_main(args[1:])
     # OSError: files, disks, the network (a full disk, a URL without network, a hub model that cannot be fetched)
     user_errors = (UsageError, OSError, ValueError, TypeError, SyntaxError, ImportError)
     try:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..model import add_onnx_metadata
 from ..nn.head import FewShotDetect
+from ..nn.prototype_detect import PrototypeDetect
 
 
 class DetectorGraph(nn.Module):
@@ -53,9 +54,10 @@ def export_dynamic(model, out_dir: str | Path, imgsz: int = 640, opset: int = 17
     enc = copy.deepcopy(model.encoder).float().eval()
     det = copy.deepcopy(model.model).float().eval()
     det._protos = None
+    det.verifier = None  # crop verification re-encodes crops with data-dependent indexing: not part of a graph
     det.fuse(verbose=False)
     for m in det.modules():
-        if isinstance(m, FewShotDetect):
+        if isinstance(m, (FewShotDetect, PrototypeDetect)):
             m.export, m.format, m.dynamic = True, "onnx", False
     levels, spec = len(det.proto_dims), enc.spec
     meta = {
