@@ -4,6 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export YOLO_OFFLINE=1 YOLO_AUTOINSTALL=False
-python -m pip install -q --disable-pip-version-check -c constraints.txt ".[dev]"
+python -m pip install -q --disable-pip-version-check -c constraints.txt ".[dev,studio]"
 rm -rf build  # setuptools' build dir would shadow edits on the next install
 python -m pytest -q "$@"
