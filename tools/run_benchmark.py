@@ -9,6 +9,7 @@ over reference draws, and false positives per image on distractors):
   cosine      zero training: the support encoder's cosine similarity over sliding windows
   proto       ours, the default: yolov8n-lite0-proto (frozen Lite0 trunk = the encoder, class-agnostic boxes, one
               similarity per class), trained episodically on the base classes; novel classes train-free; verified
+  proto-cn    the same weights, the verified candidates are the ported COCO CenterNet's boxes (proposals=centernet)
   proto-1pass the same weights without crop verification (one pass per image)
   psalm       ours, yolov8n-psalm-p2 trained episodically on the base classes, novel classes train-free
   cheaf       the same with the CHEAF neck
@@ -32,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("cosine", "proto", "proto-1pass", "psalm", "yolo-ft", "upper", "psalm-ft", "cheaf")
+METHODS = ("cosine", "proto", "proto-cn", "proto-1pass", "psalm", "yolo-ft", "upper", "psalm-ft", "cheaf")
 CONF = 0.25  # score threshold of the false-positive count (Ultralytics' predict default)
 
 
@@ -142,7 +143,10 @@ class Bench:
         write_atomic(self.out / "results.md", markdown(self.results, self.shots))
 
     def record(self, method: str, rows: list[dict], train_s: float) -> None:
-        # each method keeps the settings it ran with (a resumed run may add methods with other settings)
+        # each method keeps the settings it ran with (a resumed run may add methods with other settings); methods
+        # another process recorded meanwhile (runs of other methods in parallel) are kept
+        if self.file.is_file():
+            self.results["runs"] = {**json.loads(self.file.read_text())["runs"], **self.results["runs"]}
         self.results["runs"][method] = {
             "rows": rows,
             "train_s": round(train_s, 1),
@@ -244,7 +248,7 @@ def run_cosine(b: Bench) -> None:
 
 
 def _fewshot_val(
-    b: Bench, weights: Path, data: Path, shots: str, seeds: int, name: str, verify: bool = True
+    b: Bench, weights: Path, data: Path, shots: str, seeds: int, name: str, verify: bool = True, proposals: str = "head"
 ) -> dict[tuple, list]:
     """Our validator with seeded K-shot draws; returns each draw's COCO predictions by ``(K, seed)``."""
     from yolo_fewshot import FewShotYOLO
@@ -253,6 +257,7 @@ def _fewshot_val(
     FewShotYOLO(str(weights)).val(
         data=str(data), shots=shots, seeds=seeds, imgsz=b.a.imgsz, batch=b.a.batch, save_json=True, plots=False,
         project=str(b.out), name=name, exist_ok=True, encoder=b.a.encoder, workers=0, verify=verify,
+        **({"proposals": proposals} if verify else {}),
     )  # fmt: skip
     ks = [int(s) for s in shots.split(",")]
     many = len(ks) * seeds > 1  # the validator keeps one file per draw only when there are several
@@ -263,10 +268,10 @@ def _fewshot_val(
     }
 
 
-def _fewshot_eval(b: Bench, weights: Path, tag: str, verify: bool = True) -> list[dict]:
+def _fewshot_eval(b: Bench, weights: Path, tag: str, verify: bool = True, proposals: str = "head") -> list[dict]:
     """Both protocols for a trained few-shot model, every draw scored by :func:`score`."""
-    cat = _fewshot_val(b, weights, b.yaml, b.a.shots, b.a.seeds, f"{tag}-val-category", verify)
-    inst = _fewshot_val(b, weights, b.iyaml, "1", b.a.seeds, f"{tag}-val-instance", verify)
+    cat = _fewshot_val(b, weights, b.yaml, b.a.shots, b.a.seeds, f"{tag}-val-category", verify, proposals)
+    inst = _fewshot_val(b, weights, b.iyaml, "1", b.a.seeds, f"{tag}-val-instance", verify, proposals)
     return [b.category(d, k, seed) for (k, seed), d in cat.items()] + [
         b.instance(d, seed) for (_, seed), d in inst.items()
     ]
@@ -296,7 +301,18 @@ def _train_fewshot(b: Bench, cfg: str, tag: str, **kw) -> tuple[Path, float]:
             data=str(b.yaml), epochs=b.a.epochs, n_way=b.a.n_way, seed=0, shots=str(max(b.shots)), seeds=1,
             val=False, **{**_run_args(b, tag), **kw},
         )  # fmt: skip
-    return best, time.perf_counter() - t0
+    return best, train_time(best, time.perf_counter() - t0)
+
+
+def train_time(last: Path, fallback: float) -> float:
+    """A run's training time: the ``time`` column (seconds since the start) of its results.csv's last row, so a run
+    trained earlier reports its training, not this call's; else ``fallback``."""
+    csv = last.parents[1] / "results.csv"
+    rows = csv.read_text().splitlines()[1:] if csv.is_file() else []
+    try:
+        return float(rows[-1].split(",")[1]) if rows else fallback
+    except (IndexError, ValueError):
+        return fallback
 
 
 # The prototype model's training settings, chosen on purpose (Ultralytics' optimizer=auto picks a tiny AdamW rate for
@@ -304,13 +320,13 @@ def _train_fewshot(b: Bench, cfg: str, tag: str, **kw) -> tuple[Path, float]:
 PROTO_TRAIN = dict(optimizer="SGD", lr0=0.01, momentum=0.937, warmup_epochs=1)
 
 
-def run_proto(b: Bench, verify: bool = True) -> None:
+def run_proto(b: Bench, tag: str = "proto", verify: bool = True, proposals: str = "head") -> None:
+    """The prototype model (trained once, under ``proto``), evaluated with the given verification settings."""
     weights, t = _train_fewshot(
         b, "yolov8n-lite0-proto.yaml", "proto", n_way=b.a.proto_n_way, close_mosaic=max(1, b.a.epochs // 4),
         **PROTO_TRAIN,
     )  # fmt: skip
-    tag = "proto" if verify else "proto-1pass"
-    b.record(tag, _fewshot_eval(b, weights, tag, verify), t if verify else 0.0)
+    b.record(tag, _fewshot_eval(b, weights, tag, verify, proposals), t if tag == "proto" else 0.0)
 
 
 def run_ours(b: Bench, neck: str) -> None:
@@ -412,7 +428,8 @@ def run_upper(b: Bench) -> None:
 # -- report --------------------------------------------------------------------------------------------------------
 LABELS = {
     "cosine": "zero training: encoder cosine, sliding windows",
-    "proto": "ours: Lite0-proto, novel classes train-free, crop verification",
+    "proto": "ours: Lite0-proto, novel classes train-free, crop verification of the head's boxes",
+    "proto-cn": "ours: Lite0-proto, crop verification of COCO CenterNet boxes (proposals=centernet)",
     "proto-1pass": "ours: Lite0-proto, novel classes train-free, one pass (no verification)",
     "psalm": "ours: PSALM, novel classes train-free",
     "cheaf": "ours: CHEAF, novel classes train-free",
@@ -512,7 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     run = {
         "cosine": run_cosine,
         "proto": run_proto,
-        "proto-1pass": lambda b: run_proto(b, verify=False),
+        "proto-cn": lambda b: run_proto(b, "proto-cn", proposals="centernet"),
+        "proto-1pass": lambda b: run_proto(b, "proto-1pass", verify=False),
         "psalm": lambda b: run_ours(b, "psalm"),
         "cheaf": lambda b: run_ours(b, "cheaf"),
         "psalm-ft": run_psalm_ft,

@@ -16,7 +16,8 @@ Methods (one reference each; nothing is trained):
   sift       SIFT + RANSAC homography (OpenCV): the reference box projected into the scene; score = inliers
   centernet  the COCO CenterNet's 100 class-agnostic proposals, each crop re-encoded by the Lite0 trunk (P5, masked
              mean) and ranked by cosine to the reference prototype times objectness^0.5
-  model      a FewShotYOLO checkpoint (--model PATH) given the reference photo and box; its top box at conf 0.001
+  model      a FewShotYOLO checkpoint (--model PATH) given the reference photo and box; its top box at conf 0.001;
+             --proposals head|centernet|both picks the candidates its crop verification scores (prototype-head models)
 Scenes and references longer than --max-side are shrunk for every method alike (boxes are mapped back).
 """
 
@@ -188,10 +189,17 @@ class ModelMethod:
     """(d) A FewShotYOLO checkpoint: ``predict(scene, refs={"target": [(reference, box)]}, conf=0.001)``; its boxes
     and confidences (the scene goes in as BGR, Ultralytics' order for arrays; the reference as RGB(A))."""
 
-    def __init__(self, path: str, imgsz: int | None = None) -> None:
+    def __init__(
+        self, path: str, imgsz: int | None = None, proposals: str | None = None, centernet_topk: int | None = None
+    ) -> None:
         from yolo_fewshot import FewShotYOLO
 
         self.model, self.imgsz = FewShotYOLO(path), imgsz
+        if proposals is not None or centernet_topk is not None:
+            from yolo_fewshot.nn.verify import CropVerifier
+
+            extra = {"centernet_topk": centernet_topk} if centernet_topk is not None else {}
+            self.model.model.set_verify(CropVerifier(**extra), proposals)
 
     def __call__(self, ref, ref_box, ref_mask, scene) -> Detections:
         rgba = ref if ref_mask is None else np.dstack([ref, (ref_mask * 255).round().astype(np.uint8)])
@@ -240,7 +248,7 @@ def build_method(name: str, args) -> Callable[..., Detections]:
     if name == "model":
         if not args.model:
             raise SystemExit("--methods model needs --model PATH (a FewShotYOLO checkpoint)")
-        return ModelMethod(args.model, args.imgsz)
+        return ModelMethod(args.model, args.imgsz, args.proposals, args.centernet_topk)
     from yolo_fewshot.encoders import build_encoder
 
     encoder = build_encoder(args.encoder)
@@ -331,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="*", default=list(DEFAULT_METHODS), choices=METHODS)
     ap.add_argument("--model", help="FewShotYOLO checkpoint for --methods model")
     ap.add_argument("--imgsz", type=int, default=None, help="predict size for --methods model (default: the model's)")
+    ap.add_argument("--proposals", choices=("head", "centernet", "both"), default=None,
+                    help="candidates of --methods model's crop verification (default: the model's setting)")
+    ap.add_argument("--centernet-topk", type=int, default=None, help="CenterNet candidates per image (model)")
     ap.add_argument("--pairs", nargs="*", help="evaluate only these pair ids")
     ap.add_argument("--manifest", help="another manifest (default: the committed one)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "realphoto"))
@@ -353,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"realphoto: {e}", file=sys.stderr)
         return 2
     config = f"max side {args.max_side} px, crops {args.crop_size} px, encoder {args.encoder}, {args.threads} thread(s)"
+    if "model" in args.methods:
+        config += f"; model {args.model}, imgsz {args.imgsz or 'its own'}, proposals {args.proposals or 'its own'}"
     results = {
         "n_pairs": len(pairs),
         "config": config,

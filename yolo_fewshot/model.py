@@ -119,20 +119,22 @@ class FewShotYOLO(Model):
         return super().train(trainer, **kwargs)
 
     def predict(
-        self, source=None, stream: bool = False, predictor=None, refs: Any = None, verify: bool | None = None, **kwargs
-    ):
+        self, source=None, stream: bool = False, predictor=None, refs: Any = None, verify: bool | None = None,
+        proposals: str | None = None, **kwargs: Any,
+    ):  # fmt: skip
         """Ultralytics' predict on the model's references, or on ``refs`` (photos, folder or bank) set first;
-        ``verify`` switches crop verification of prototype-head models (default: on)."""
-        self._use_refs(refs, verify)
+        ``verify`` switches crop verification of prototype-head models (default: on), ``proposals`` picks its
+        candidates (``head``, ``centernet``: the COCO CenterNet's boxes, ``both``)."""
+        self._use_refs(refs, verify, proposals)
         with _fetch_errors(source):
             return super().predict(source, stream, predictor, **kwargs)
 
     def track(
         self, source=None, stream: bool = False, persist: bool = False, refs: Any = None, verify: bool | None = None,
-        **kwargs: Any,
+        proposals: str | None = None, **kwargs: Any,
     ):  # fmt: skip
         """Ultralytics' track (its trackers give temporal consistency); references are encoded once, not per frame."""
-        self._use_refs(refs, verify)
+        self._use_refs(refs, verify, proposals)
         with _fetch_errors(source):
             return super().track(source, stream, persist, **kwargs)
 
@@ -150,7 +152,16 @@ class FewShotYOLO(Model):
             out = Path(kwargs.get("project") or Path(pt).parent) / f"{Path(pt).stem}_dynamic"
             return str(export_dynamic(self, out, int(kwargs.get("imgsz", 640)))[0])
         self._use_refs(refs)
-        f = super().export(**kwargs)
+        # crop verification never enters a graph, and must not run under the Exporter's FLOPs count (thop's hooks
+        # crashed in roi_align): off for the export, restored afterwards
+        verifier = self.model.__dict__.get("verifier") if isinstance(self.model, FewShotDetectionModel) else None
+        if verifier is not None:
+            self.model.verifier = None
+        try:
+            f = super().export(**kwargs)
+        finally:
+            if verifier is not None:
+                self.model.verifier = verifier
         if str(f).endswith(".onnx"):
             add_onnx_metadata(
                 f,
@@ -163,9 +174,11 @@ class FewShotYOLO(Model):
             )
         return f
 
-    def _use_refs(self, refs: Any, verify: bool | None = None) -> None:
+    def _use_refs(self, refs: Any, verify: bool | None = None, proposals: str | None = None) -> None:
         if verify is not None and isinstance(self.model, FewShotDetectionModel):
-            self.model.set_verify(verify)
+            self.model.set_verify(verify, proposals if verify else None)
+        elif proposals is not None and isinstance(self.model, FewShotDetectionModel):
+            self.model.set_proposals(proposals)
         if refs is not None:
             self.set_references(refs)
         elif isinstance(self.model, FewShotDetectionModel) and self.model.prototypes is None:

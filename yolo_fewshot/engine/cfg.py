@@ -24,6 +24,7 @@ PLUGIN_DEFAULTS: dict[str, Any] = {
     "views": 2,  # cached augmented views per training instance
     "fewshot_cache": None,  # embedding cache dir (default: <dataset root>/.yolo_fewshot_cache)
     "verify": True,  # prototype-head models: re-score the top boxes by encoding their crops (off: one pass only)
+    "proposals": "head",  # verification's candidates: head (its best boxes), centernet (COCO CenterNet's), both
     "finetune": False,  # TFA-style: train on K shots (shots=K) of every class, novel included; backbone frozen
 }
 
@@ -70,6 +71,10 @@ def check_settings(args: Any) -> None:
         raise ValueError(f"hard_negatives={hn!r} must be a number in [0, 1]")
     if get("shots") is not None:
         parse_shots(get("shots"))
+    if get("proposals") is not None:
+        from ..nn.verify import check_proposals
+
+        check_proposals(get("proposals"))
 
 
 def cpu_threads() -> int:

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 from ultralytics.models.yolo.detect import DetectionPredictor
 
 from ..atomic import write_image
+from .cfg import cpu_threads
 
 
 def with_thumbnails(img: np.ndarray, thumbs: dict[str, np.ndarray], size: int = 64, pad: int = 4) -> np.ndarray:
@@ -48,6 +50,13 @@ def with_thumbnails(img: np.ndarray, thumbs: dict[str, np.ndarray], size: int = 
 
 class FewShotPredictor(DetectionPredictor):
     """Ultralytics' predictor; saved/shown images show which references were searched for."""
+
+    def setup_model(self, model, verbose: bool = True) -> None:
+        """Ultralytics' model setup; on CPU, torch then uses every core (Ultralytics' device selection leaves one
+        idle: 1 thread on a 2-core machine)."""
+        super().setup_model(model, verbose)
+        if self.device.type == "cpu":
+            torch.set_num_threads(cpu_threads())
 
     def _thumbs(self) -> dict:
         return getattr(getattr(self.model, "model", None), "reference_thumbnails", None) or {}

@@ -18,7 +18,7 @@ from ultralytics.utils import LOGGER
 from ..data.episodes import InstanceTable
 from ..data.split import FewShotSplit
 from ..nn.detector import FewShotDetectionModel
-from .cfg import PLUGIN_DEFAULTS, check_settings, parse_shots
+from .cfg import PLUGIN_DEFAULTS, check_settings, cpu_threads, parse_shots
 from .coco import coco_evaluate, coco_ground_truth, write_json
 
 
@@ -65,6 +65,8 @@ class FewShotValidator(DetectionValidator):
             self._saved_state = (fs.prototypes, dict(fs.names), list(fs.__dict__.get("_negative_of") or []))
             fs._negative_of = []  # validation binds its own per-image prototypes of every class, without negatives
         self.fs_model = fs
+        if self.device.type == "cpu":  # Ultralytics' device selection leaves one core idle (1 thread on 2 cores)
+            torch.set_num_threads(cpu_threads())
         if fs.can_verify:
             fs.set_verify(bool(self.args.verify), self.args.proposals if self.args.verify else None)
         self.split = self.split or FewShotSplit.from_data(self.data)

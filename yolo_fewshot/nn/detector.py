@@ -12,6 +12,7 @@ encoder (QAViT) is the ``support_encoder`` submodule, learned and saved with the
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,7 +25,7 @@ from ..encoders import build_encoder, is_trainable
 from .loss import EpisodicDetectionLoss, PrototypeDetectionLoss
 from .prototype_detect import PrototypeDetect
 from .prototypes import PrototypeConsumer, as_prototypes
-from .verify import CropVerifier
+from .verify import CropVerifier, check_proposals
 
 BYPASS_NAMES = {0: "object"}
 
@@ -110,14 +111,26 @@ class FewShotDetectionModel(DetectionModel):
         """Crop verification needs a class-agnostic head and a frozen trunk that is the prototypes' encoder."""
         return self.class_agnostic and bool(getattr(self.model[0], "frozen", False))
 
-    def set_verify(self, on: bool | CropVerifier) -> None:
+    def set_verify(self, on: bool | CropVerifier, proposals: str | None = None) -> None:
         """Switch crop verification (:class:`~yolo_fewshot.nn.verify.CropVerifier`) on (default settings or the given
-        ones) or off; refused for a model that cannot verify."""
+        ones) or off; refused for a model that cannot verify. ``proposals`` (``head``, ``centernet``, ``both``) picks
+        the candidates' source (default: the verifier's own)."""
         if on and not self.can_verify:
             raise ValueError(
                 "verify=True needs a prototype-head model on a frozen trunk (e.g. yolov8n-lite0-proto.yaml)"
             )
         self.verifier = (on if isinstance(on, CropVerifier) else CropVerifier()) if on else None
+        if proposals is not None:
+            self.set_proposals(proposals)
+
+    def set_proposals(self, proposals: str) -> None:
+        """Where verification takes its candidates: ``head`` (the head's best boxes), ``centernet`` (the COCO
+        CenterNet's class-agnostic boxes) or ``both`` (their union); refused with verification off."""
+        check_proposals(proposals)
+        verifier = self.__dict__.get("verifier")
+        if verifier is None:
+            raise ValueError(f"proposals={proposals} needs crop verification on (verify=True)")
+        self.verifier = dataclasses.replace(verifier, proposals=proposals)
 
     def _bind(self, protos: list[Tensor] | None) -> None:
         for m in self.model:
@@ -127,14 +140,24 @@ class FewShotDetectionModel(DetectionModel):
     # -- torch plumbing ------------------------------------------------------------------------------------------------
     def predict(self, x: Tensor, *args: Any, **kwargs: Any):
         """Ultralytics' predict with the prototypes bound for this call (``[B, 4+N, A]`` outputs); negative
-        references run as hidden extra classes and are folded away (:func:`suppress_negatives`)."""
+        references run as hidden extra classes and are folded away (:func:`suppress_negatives`). With crop
+        verification on (eval, not export), the verifier re-scores the candidates; CenterNet proposals add
+        ``verifier.extra_columns`` anchor columns (``[B, 4+N, A+K]``), which Ultralytics' NMS takes unchanged."""
         self._bind(self.prototypes)
         try:
             out = super().predict(x, *args, **kwargs)
         finally:
             self._bind(None)
         verifier = self.__dict__.get("verifier")
-        if verifier is not None and isinstance(out, tuple) and not self.training and self.prototypes is not None:
+        # Verification is a post-step of eager inference: not under a TorchFunctionMode (Ultralytics' FLOPs count
+        # runs thop's, which crashes torchvision's roi_align, and would count the crops and CenterNet as the model's)
+        if (
+            verifier is not None
+            and isinstance(out, tuple)
+            and not self.training
+            and self.prototypes is not None
+            and not torch._C._is_torch_function_mode_enabled()
+        ):
             out = verifier(self.model[0], x, out[0], out[1]["obj"], self.prototypes[-1]), out[1]
         neg = self.__dict__.get("_negative_of") or []
         if not neg or self.training:

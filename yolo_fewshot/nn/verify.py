@@ -7,6 +7,21 @@ surroundings into it; re-encoding the crop alone, the way the reference itself w
 reference first among the objects of its scene 95 % of the time on the benchmark, against 83 % from the one-pass map
 (probe in issue 11). The cost is one trunk pass over ``topk`` small crops per image, so it is optional and measured
 (README, benchmark).
+
+Where the candidates come from (``proposals``):
+
+* ``head``: the head's own best anchors (class-agnostic NMS on the best class score, which is objectness times the
+  reference similarity: reference-driven proposals);
+* ``centernet``: the class-agnostic boxes of the ported COCO CenterNet (:mod:`yolo_fewshot.nn.centernet`; objectness =
+  max over its 80 class heatmaps), run on the model input resized to 512 — objectness learned on real photographs,
+  where a head trained on pasted stamps proposes badly (DESIGN.md, "Real-photo objectness");
+* ``both``: the union of the two, every candidate scored by the same verification (objects outside COCO's classes
+  still come from the head).
+
+CenterNet boxes are appended to Ultralytics' ``[B, 4 + N, A]`` output as ``centernet_topk`` extra anchor columns
+(``[B, 4 + N, A + K]``), so Ultralytics' NMS, validator and predictor take them unchanged. The CenterNet network is
+loaded once per device into a module-level cache (:func:`centernet`), never into the detector: it is not part of any
+``state_dict`` or checkpoint pickle (it ships as its own safetensors), and an export (which never verifies) has none.
 """
 
 from __future__ import annotations
@@ -16,9 +31,30 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import batched_nms, roi_align
+from torchvision.ops import batched_nms, nms, roi_align
 
 from ..encoders.base import masked_mean
+
+PROPOSALS = ("head", "centernet", "both")
+_CENTERNET: dict[str, object] = {}  # device -> the CenterNet network, loaded on first use
+
+
+def centernet(device: torch.device | str = "cpu"):
+    """The shipped COCO CenterNet (:class:`~yolo_fewshot.nn.centernet.CenterNet`, sha256-checked, eval), loaded once
+    per device and cached here, outside every model: never saved with a checkpoint."""
+    key = str(torch.device(device))
+    if key not in _CENTERNET:
+        from .centernet import CenterNet
+
+        _CENTERNET[key] = CenterNet.from_file().to(device).eval()
+    return _CENTERNET[key]
+
+
+def check_proposals(value: str) -> str:
+    """``value`` if it names a proposal source, else a one-line ValueError."""
+    if value not in PROPOSALS:
+        raise ValueError(f"proposals={value!r} must be one of {', '.join(PROPOSALS)}")
+    return value
 
 
 @dataclass
@@ -26,13 +62,16 @@ class CropVerifier:
     """Settings and the re-scoring step of crop verification.
 
     Attributes:
-        topk: Candidates per image (after a class-agnostic NMS on the head's best class score).
+        topk: Head candidates per image (after a class-agnostic NMS on the head's best class score).
         size: Crop side fed to the trunk (pixels).
         context: Context around each box, as a fraction of its longer side on each side (references use 0.1).
-        iou: IoU of the candidate NMS.
-        obj_power: Exponent of the head's objectness in the verified score.
+        iou: IoU of the candidate NMS (head candidates; CenterNet candidates among themselves).
+        obj_power: Exponent of the objectness (the head's, or CenterNet's for its boxes) in the verified score.
         sim_power: Exponent of the crop cosine (clamped at 0) in the verified score.
         top1: Keep each candidate only for its most similar class (an object is one thing).
+        proposals: Candidate source: ``head``, ``centernet`` or ``both`` (module doc).
+        centernet_topk: CenterNet candidates per image (after their NMS); also the number of extra output columns.
+        centernet_size: CenterNet input side (the model input is resized to it, aspect not kept, as it was trained).
     """
 
     topk: int = 10
@@ -42,6 +81,34 @@ class CropVerifier:
     obj_power: float = 0.5
     sim_power: float = 4.0
     top1: bool = True
+    proposals: str = "head"
+    centernet_topk: int = 30
+    centernet_size: int = 512
+
+    def __post_init__(self) -> None:
+        check_proposals(self.proposals)
+
+    @property
+    def extra_columns(self) -> int:
+        """Anchor columns this verifier appends to the head's output."""
+        return self.centernet_topk if self.proposals in ("centernet", "both") else 0
+
+    @torch.no_grad()
+    def centernet_boxes(self, img: Tensor) -> tuple[Tensor, Tensor]:
+        """CenterNet's candidates on the model input: boxes ``[B, K, 4]`` (xyxy, input pixels) and objectness
+        ``[B, K]``; images with fewer than ``K`` boxes are padded with empty boxes of objectness 0."""
+        from .centernet import CenterNetProposals
+
+        k = self.centernet_topk
+        cn = CenterNetProposals(centernet(img.device), self.centernet_size, max(100, k), device=img.device)
+        props = cn(img.float() * 255)  # plain resize to centernet_size inside; boxes back in input pixels
+        boxes = img.new_zeros((len(props), k, 4), dtype=torch.float32)
+        obj = img.new_zeros((len(props), k), dtype=torch.float32)
+        for i, p in enumerate(props):
+            p = p.to(img.device)
+            p = p[nms(p[:, :4], p[:, 4], self.iou)][:k]  # distinct places first: peaks can still share a box
+            boxes[i, : len(p)], obj[i, : len(p)] = p[:, :4], p[:, 4]
+        return boxes, obj
 
     @torch.no_grad()
     def __call__(self, trunk, img: Tensor, y: Tensor, obj: Tensor, protos: Tensor) -> Tensor:
@@ -55,29 +122,46 @@ class CropVerifier:
             protos: Last-level prototypes ``[B|1, N, M, D]``.
 
         Returns:
-            ``[B, 4 + N, A]`` with the same boxes.
+            ``[B, 4 + N, A + E]`` (``E`` = :attr:`extra_columns`): the head's boxes unchanged, then the CenterNet
+            boxes (xywh); scores of the candidates verified, of everything else 0.
         """
         b, a = y.shape[0], y.shape[-1]
         boxes = xywh_to_xyxy(y[:, :4].transpose(1, 2))  # [B, A, 4]
-        best = y[:, 4:].amax(1)  # [B, A]
-        cand = []
-        for i in range(b):
-            k = min(a, max(self.topk * 10, 300))
-            top = best[i].topk(k).indices
-            keep = batched_nms(boxes[i, top], best[i, top], torch.zeros_like(top), self.iou)[: self.topk]
-            cand.append(top[keep])
-        idx = torch.cat([torch.full_like(c, i) for i, c in enumerate(cand)])
-        anchors = torch.cat(cand)
-        crops, masks = self.crops(img, idx, boxes[idx, anchors])
+        out = y.clone()
+        out[:, 4:] = 0
+        # candidates: (image, column of the output, box xyxy, objectness in [0, 1])
+        idx, col, cbox, cobj = [], [], [], []
+        if self.proposals in ("head", "both"):
+            best = y[:, 4:].amax(1)  # [B, A]
+            cand = []
+            for i in range(b):
+                k = min(a, max(self.topk * 10, 300))
+                top = best[i].topk(k).indices
+                keep = batched_nms(boxes[i, top], best[i, top], torch.zeros_like(top), self.iou)[: self.topk]
+                cand.append(top[keep])
+            hi = torch.cat([torch.full_like(c, i) for i, c in enumerate(cand)])
+            ha = torch.cat(cand)
+            idx.append(hi), col.append(ha), cbox.append(boxes[hi, ha].float())
+            cobj.append(obj[hi, 0, ha].float().sigmoid())
+        if self.extra_columns:
+            cb, co = self.centernet_boxes(img)  # [B, K, 4], [B, K]
+            k = cb.shape[1]
+            extra = y.new_zeros((b, y.shape[1], k))
+            extra[:, :4] = xyxy_to_xywh(cb).transpose(1, 2).to(y.dtype)
+            out = torch.cat([out, extra], -1)
+            ci, ck = (co > 0).nonzero(as_tuple=True)  # padding (objectness 0) is never a candidate
+            idx.append(ci), col.append(a + ck), cbox.append(cb[ci, ck]), cobj.append(co[ci, ck])
+        idx, col, cbox, cobj = torch.cat(idx), torch.cat(col), torch.cat(cbox), torch.cat(cobj)
+        if not len(idx):
+            return out
+        crops, masks = self.crops(img, idx, cbox.to(img.dtype))
         emb = masked_mean(trunk(crops)[-1], masks)  # [C, D]
         q = F.normalize(protos.mean(2), dim=-1, eps=1e-6).expand(b, -1, -1)[idx]  # [C, N, D]
         cos = (q @ F.normalize(emb, dim=-1, eps=1e-6)[:, :, None]).squeeze(-1)  # [C, N]
-        score = cos.clamp_min(0).pow(self.sim_power) * obj[idx, 0, anchors].sigmoid().pow(self.obj_power)[:, None]
+        score = cos.clamp_min(0).pow(self.sim_power) * cobj.to(cos).pow(self.obj_power)[:, None]
         if self.top1:
             score = score * F.one_hot(cos.argmax(1), cos.shape[1]).to(score)
-        out = y.clone()
-        out[:, 4:] = 0
-        out[idx, 4:, anchors] = score.to(y.dtype)
+        out[idx, 4:, col] = score.to(y.dtype)
         return out
 
     def crops(self, img: Tensor, idx: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
@@ -101,3 +185,8 @@ def xywh_to_xyxy(b: Tensor) -> Tensor:
     """``[..., 4]`` centre-size boxes -> corner boxes."""
     xy, wh = b[..., :2], b[..., 2:]
     return torch.cat([xy - wh / 2, xy + wh / 2], -1)
+
+
+def xyxy_to_xywh(b: Tensor) -> Tensor:
+    """``[..., 4]`` corner boxes -> centre-size boxes."""
+    return torch.cat([(b[..., :2] + b[..., 2:]) / 2, b[..., 2:] - b[..., :2]], -1)
