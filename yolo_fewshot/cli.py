@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .engine.cfg import PLUGIN_DEFAULTS
+from .pretrained import DEFAULT_MODEL
 
 USAGE = """\
 usage: yolo-fewshot MODE [key=value ...]
@@ -138,7 +139,7 @@ def run(mode: str, overrides: dict[str, Any]) -> Any:
     from . import FewShotYOLO
 
     model = FewShotYOLO(
-        overrides.pop("model", "yolov8n-psalm-p2.yaml"),
+        overrides.pop("model", DEFAULT_MODEL),
         encoder=overrides.pop("encoder", None),
         unsafe_load=bool(overrides.pop("unsafe_load", False)),
     )

@@ -20,6 +20,7 @@ from .engine.predict import FewShotPredictor
 from .engine.train import FewShotTrainer
 from .engine.val import FewShotValidator
 from .nn.detector import FewShotDetectionModel
+from .pretrained import DEFAULT_MODEL
 from .references.bank import ReferenceBank
 from .references.build import build_bank
 
@@ -28,7 +29,9 @@ class FewShotYOLO(Model):
     """Reference-image YOLO detector.
 
     Args:
-        model: A model YAML (``yolov8n-psalm-p2.yaml``; shipped names resolve without a path) or a ``.pt`` checkpoint.
+        model: The shipped pretrained model (default, :data:`~yolo_fewshot.pretrained.DEFAULT_MODEL`: trained on the
+            stamps benchmark's base classes, see the README's model card), a pretrained ``.safetensors``, a model
+            YAML (``yolov8n-lite0-proto.yaml``; shipped names resolve without a path) or a ``.pt`` checkpoint.
         task: Only ``detect``.
         verbose: Print the layer table when building from YAML.
         encoder: The support encoder (default: the one the YAML or checkpoint names).
@@ -42,7 +45,7 @@ class FewShotYOLO(Model):
 
     def __init__(
         self,
-        model: str | Path = "yolov8n-psalm-p2.yaml",
+        model: str | Path = DEFAULT_MODEL,
         task: str | None = None,
         verbose: bool = False,
         encoder: str | None = None,

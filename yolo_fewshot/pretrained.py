@@ -21,7 +21,9 @@ from .nn.detector import FewShotDetectionModel
 
 #: The shipped model (package data, ``data/weights/`` in a source checkout) and its sha256.
 DEFAULT_MODEL = "yolofs-lite0-fold0.safetensors"
-SHIPPED_SHA256: dict[str, str] = {}
+SHIPPED_SHA256: dict[str, str] = {
+    "yolofs-lite0-fold0.safetensors": "3ceb46b17dc66ac6ba81a813f857291927abbd20827b481d43d4db224779553e",
+}
 
 
 def weights_dir() -> Path:
