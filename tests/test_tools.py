@@ -41,4 +41,5 @@ def test_bench_speed_json():
     out = run_tool("bench_speed.py", "--imgsz", "64", "--iters", "1")
     assert set(out["fewshot_ms"]) == {"1", "3", "8"} and out["baseline_ms"] > 0
     assert out["ratio_1ref"] == round(out["fewshot_ms"]["1"] / out["baseline_ms"], 3)
-    assert set(out["torch_ms"]) == {"baseline", "1", "3", "8"}
+    assert set(out["torch_ms"]) == {"baseline", "1", "3", "8", "1+verify"}  # the default model verifies crops
+    assert out["config"]["model"] == "yolov8n-lite0-proto.yaml" and out["config"]["baseline"] == "yolov8n-lite0.yaml"
