@@ -155,16 +155,7 @@ class FewShotYOLO(Model):
             out = Path(kwargs.get("project") or Path(pt).parent) / f"{Path(pt).stem}_dynamic"
             return str(export_dynamic(self, out, int(kwargs.get("imgsz", 640)))[0])
         self._use_refs(refs)
-        # crop verification never enters a graph, and must not run under the Exporter's FLOPs count (thop's hooks
-        # crashed in roi_align): off for the export, restored afterwards
-        verifier = self.model.__dict__.get("verifier") if isinstance(self.model, FewShotDetectionModel) else None
-        if verifier is not None:
-            self.model.verifier = None
-        try:
-            f = super().export(**kwargs)
-        finally:
-            if verifier is not None:
-                self.model.verifier = verifier
+        f = super().export(**kwargs)  # (verification never enters a graph: FewShotDetectionModel.predict skips it)
         if str(f).endswith(".onnx"):
             add_onnx_metadata(
                 f,

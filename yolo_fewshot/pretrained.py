@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .nn.centernet.model import sha256_of  # one file-digest helper for the shipped weights
 from .nn.detector import FewShotDetectionModel
 
 #: The shipped model (package data, ``data/weights/`` in a source checkout) and its sha256.
@@ -34,15 +35,6 @@ def weights_dir() -> Path:
         if d.is_dir():
             return d
     return pkg / "assets" / "weights"
-
-
-def sha256_of(path: str | Path) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def resolve(name: str | Path) -> Path:
