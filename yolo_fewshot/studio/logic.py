@@ -25,7 +25,7 @@ import numpy as np
 
 from ..references.bank import ClassReferences, ReferenceBank
 from ..references.build import IMAGE_SUFFIXES, build_bank
-from ..references.crops import read_image
+from ..references.crops import box_numbers, read_image
 
 DEFAULT_MODEL = "yolov8n-lite0-proto.yaml"  # an untrained instance already scores by the frozen trunk's cosine
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"}
@@ -119,11 +119,9 @@ def check_box(box: Sequence[float] | None, w: int, h: int) -> tuple[float, float
     if box is None:
         return None
     try:
-        x1, y1, x2, y2 = (float(v) for v in box)
-    except (TypeError, ValueError):
-        raise StudioError(f"box {box!r} must be four numbers x1, y1, x2, y2") from None
-    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
-        raise StudioError(f"box {list(box)} must be four finite numbers")
+        x1, y1, x2, y2 = box_numbers(box)  # the references' own check: four finite numbers
+    except ValueError as e:
+        raise StudioError(str(e)) from None
     x1, x2 = sorted((min(max(x1, 0.0), w), min(max(x2, 0.0), w)))
     y1, y2 = sorted((min(max(y1, 0.0), h), min(max(y2, 0.0), h)))
     if x2 - x1 < 1 or y2 - y1 < 1:
