@@ -166,3 +166,33 @@ def test_loss_teaches_objectness_from_every_box_and_similarity_from_the_episode(
     assert all(p.grad is None for p in model.model[0].parameters())
     model.zero_grad()
     model.eval()
+
+
+def test_classes_compete_for_a_candidate_softly_or_not_at_all():
+    from yolo_fewshot.nn.verify import exclusive
+
+    cos = torch.tensor([[0.60, 0.50, 0.20], [0.40, 0.41, 0.10], [0.30, 0.30, 0.30]])
+    soft = exclusive(cos, 0.02)
+    assert soft[0, 0] > 0.99 and soft[0, 1] < 0.01  # a clear winner owns the box
+    assert 0.3 < soft[1, 0] < 0.5 < soft[1, 1] < 0.7  # a near tie is shared, the better class keeps more
+    assert torch.allclose(soft[2], torch.full((3,), 0.5))  # an exact tie: no class owns it
+    hard = exclusive(cos, 0.0)
+    assert hard[:2].tolist() == [[1, 0, 0], [0, 1, 0]]
+    assert torch.equal(exclusive(cos[:, :1], 0.02), torch.ones(3, 1))  # one class has nothing to compete with
+
+
+def test_top1_is_a_run_setting_of_verification():
+    m = FewShotYOLO(YAML)
+    scene, box, cat = _pasted_scene()
+    m.predict(scene, refs={"cat": [cat], "gravel": [scene[:100, 200:]]}, top1=False, conf=0.5, verbose=False)
+    assert m.model.verifier is not None and m.model.verifier.top1 is False
+    m.predict(scene, top1=True, conf=0.5, verbose=False)
+    assert m.model.verifier.top1 is True
+    with pytest.raises(ValueError, match="top1=True needs crop verification on"):
+        m.model.set_verify(False, top1=True)
+    with pytest.raises(ValueError, match="top1='maybe' must be True or False"):
+        m.predict(scene, top1="maybe", conf=0.5, verbose=False)
+    from yolo_fewshot.engine.cfg import check_settings
+
+    with pytest.raises(ValueError, match="top1='yes' must be True or False"):
+        check_settings({"top1": "yes"})

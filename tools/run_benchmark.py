@@ -11,6 +11,7 @@ over reference draws, and false positives per image on distractors):
               similarity per class), trained episodically on the base classes; novel classes train-free; verified
   proto-cn    the same weights, the verified candidates are the ported COCO CenterNet's boxes (proposals=centernet)
   proto-1pass the same weights without crop verification (one pass per image)
+  proto-cat   the same weights, category search: classes do not compete for a box (top1=False; category protocol)
   psalm       ours, yolov8n-psalm-p2 trained episodically on the base classes, novel classes train-free
   cheaf       the same with the CHEAF neck
   psalm-ft    ours + fine-tune mode (finetune=True) on the K shots of every class
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("cosine", "proto", "proto-cn", "proto-1pass", "psalm", "yolo-ft", "upper", "psalm-ft", "cheaf")
+METHODS = ("cosine", "proto", "proto-cat", "proto-cn", "proto-1pass", "psalm", "yolo-ft", "upper", "psalm-ft", "cheaf")
 CONF = 0.25  # score threshold of the false-positive count (Ultralytics' predict default)
 
 
@@ -248,7 +249,15 @@ def run_cosine(b: Bench) -> None:
 
 
 def _fewshot_val(
-    b: Bench, weights: Path, data: Path, shots: str, seeds: int, name: str, verify: bool = True, proposals: str = "head"
+    b: Bench,
+    weights: Path,
+    data: Path,
+    shots: str,
+    seeds: int,
+    name: str,
+    verify: bool = True,
+    proposals: str = "head",
+    top1: bool = True,
 ) -> dict[tuple, list]:
     """Our validator with seeded K-shot draws; returns each draw's COCO predictions by ``(K, seed)``."""
     from yolo_fewshot import FewShotYOLO
@@ -257,7 +266,7 @@ def _fewshot_val(
     FewShotYOLO(str(weights)).val(
         data=str(data), shots=shots, seeds=seeds, imgsz=b.a.imgsz, batch=b.a.batch, save_json=True, plots=False,
         project=str(b.out), name=name, exist_ok=True, encoder=b.a.encoder, workers=0, verify=verify,
-        **({"proposals": proposals} if verify else {}),
+        **({"proposals": proposals, "top1": top1} if verify else {}),
     )  # fmt: skip
     ks = [int(s) for s in shots.split(",")]
     many = len(ks) * seeds > 1  # the validator keeps one file per draw only when there are several
@@ -268,10 +277,18 @@ def _fewshot_val(
     }
 
 
-def _fewshot_eval(b: Bench, weights: Path, tag: str, verify: bool = True, proposals: str = "head") -> list[dict]:
-    """Both protocols for a trained few-shot model, every draw scored by :func:`score`."""
-    cat = _fewshot_val(b, weights, b.yaml, b.a.shots, b.a.seeds, f"{tag}-val-category", verify, proposals)
-    inst = _fewshot_val(b, weights, b.iyaml, "1", b.a.seeds, f"{tag}-val-instance", verify, proposals)
+def _fewshot_eval(
+    b: Bench, weights: Path, tag: str, verify: bool = True, proposals: str = "head", top1: bool = True,
+    instance: bool = True,
+) -> list[dict]:  # fmt: skip
+    """Both protocols (``instance=False``: the category one only) for a trained few-shot model, every draw scored by
+    :func:`score`."""
+    cat = _fewshot_val(b, weights, b.yaml, b.a.shots, b.a.seeds, f"{tag}-val-category", verify, proposals, top1)
+    inst = (
+        _fewshot_val(b, weights, b.iyaml, "1", b.a.seeds, f"{tag}-val-instance", verify, proposals, top1)
+        if instance
+        else {}
+    )
     return [b.category(d, k, seed) for (k, seed), d in cat.items()] + [
         b.instance(d, seed) for (_, seed), d in inst.items()
     ]
@@ -320,13 +337,15 @@ def train_time(last: Path, fallback: float) -> float:
 PROTO_TRAIN = dict(optimizer="SGD", lr0=0.01, momentum=0.937, warmup_epochs=1)
 
 
-def run_proto(b: Bench, tag: str = "proto", verify: bool = True, proposals: str = "head") -> None:
+def run_proto(
+    b: Bench, tag: str = "proto", verify: bool = True, proposals: str = "head", top1: bool = True, instance: bool = True
+) -> None:
     """The prototype model (trained once, under ``proto``), evaluated with the given verification settings."""
     weights, t = _train_fewshot(
         b, "yolov8n-lite0-proto.yaml", "proto", n_way=b.a.proto_n_way, close_mosaic=max(1, b.a.epochs // 4),
         **PROTO_TRAIN,
     )  # fmt: skip
-    b.record(tag, _fewshot_eval(b, weights, tag, verify, proposals), t if tag == "proto" else 0.0)
+    b.record(tag, _fewshot_eval(b, weights, tag, verify, proposals, top1, instance), t if tag == "proto" else 0.0)
 
 
 def run_ours(b: Bench, neck: str) -> None:
@@ -431,6 +450,7 @@ LABELS = {
     "proto": "ours: Lite0-proto, novel classes train-free, crop verification of the head's boxes",
     "proto-cn": "ours: Lite0-proto, crop verification of COCO CenterNet boxes (proposals=centernet)",
     "proto-1pass": "ours: Lite0-proto, novel classes train-free, one pass (no verification)",
+    "proto-cat": "ours: Lite0-proto, category search (top1=False: classes do not compete for a box)",
     "psalm": "ours: PSALM, novel classes train-free",
     "cheaf": "ours: CHEAF, novel classes train-free",
     "psalm-ft": "ours: PSALM + fine-tune on the K shots",
@@ -531,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
         "proto": run_proto,
         "proto-cn": lambda b: run_proto(b, "proto-cn", proposals="centernet"),
         "proto-1pass": lambda b: run_proto(b, "proto-1pass", verify=False),
+        "proto-cat": lambda b: run_proto(b, "proto-cat", top1=False, instance=False),
         "psalm": lambda b: run_ours(b, "psalm"),
         "cheaf": lambda b: run_ours(b, "cheaf"),
         "psalm-ft": run_psalm_ft,

@@ -25,6 +25,7 @@ PLUGIN_DEFAULTS: dict[str, Any] = {
     "fewshot_cache": None,  # embedding cache dir (default: <dataset root>/.yolo_fewshot_cache)
     "verify": True,  # prototype-head models: re-score the top boxes by encoding their crops (off: one pass only)
     "proposals": "head",  # verification's candidates: head (its best boxes), centernet (COCO CenterNet's), both
+    "top1": True,  # verification: classes compete for a box (references are instances); False for category search
     "finetune": False,  # TFA-style: train on K shots (shots=K) of every class, novel included; backbone frozen
 }
 
@@ -71,6 +72,8 @@ def check_settings(args: Any) -> None:
         raise ValueError(f"hard_negatives={hn!r} must be a number in [0, 1]")
     if get("shots") is not None:
         parse_shots(get("shots"))
+    if get("top1") is not None and not isinstance(get("top1"), bool):
+        raise ValueError(f"top1={get('top1')!r} must be True or False")
     if get("proposals") is not None:
         from ..nn.verify import check_proposals
 

@@ -68,7 +68,8 @@ class FewShotValidator(DetectionValidator):
         if self.device.type == "cpu":  # Ultralytics' device selection leaves one core idle (1 thread on 2 cores)
             torch.set_num_threads(cpu_threads())
         if fs.can_verify:
-            fs.set_verify(bool(self.args.verify), self.args.proposals if self.args.verify else None)
+            on = bool(self.args.verify)
+            fs.set_verify(on, self.args.proposals if on else None, self.args.top1 if on else None)
         self.split = self.split or FewShotSplit.from_data(self.data)
         names = dict(self.split.names)
         fs.names = model.names = names

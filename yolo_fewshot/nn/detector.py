@@ -111,10 +111,11 @@ class FewShotDetectionModel(DetectionModel):
         """Crop verification needs a class-agnostic head and a frozen trunk that is the prototypes' encoder."""
         return self.class_agnostic and bool(getattr(self.model[0], "frozen", False))
 
-    def set_verify(self, on: bool | CropVerifier, proposals: str | None = None) -> None:
+    def set_verify(self, on: bool | CropVerifier, proposals: str | None = None, top1: bool | None = None) -> None:
         """Switch crop verification (:class:`~yolo_fewshot.nn.verify.CropVerifier`) on (default settings or the given
         ones) or off; refused for a model that cannot verify. ``proposals`` (``head``, ``centernet``, ``both``) picks
-        the candidates' source (default: the verifier's own)."""
+        the candidates' source, ``top1`` whether classes compete for a box (instances: yes; categories: no) (default:
+        the verifier's own)."""
         if on and not self.can_verify:
             raise ValueError(
                 "verify=True needs a prototype-head model on a frozen trunk (e.g. yolov8n-lite0-proto.yaml)"
@@ -122,6 +123,12 @@ class FewShotDetectionModel(DetectionModel):
         self.verifier = (on if isinstance(on, CropVerifier) else CropVerifier()) if on else None
         if proposals is not None:
             self.set_proposals(proposals)
+        if top1 is not None:
+            if not isinstance(top1, bool):
+                raise ValueError(f"top1={top1!r} must be True or False")
+            if self.verifier is None:
+                raise ValueError(f"top1={top1} needs crop verification on (verify=True)")
+            self.verifier = dataclasses.replace(self.verifier, top1=bool(top1))
 
     def set_proposals(self, proposals: str) -> None:
         """Where verification takes its candidates: ``head`` (the head's best boxes), ``centernet`` (the COCO
