@@ -6,7 +6,8 @@ candidate's crop embedding, objectness and the per-reference prototypes. Scoring
 mean vs nearest reference, centring, score formula) are then compared with pycocotools on the same records, in
 seconds instead of a validation pass each.
 
-    python tools/probe_verify.py --fold 0 --shots 5 --seed 0 --record runs/probe/fold0-k5.pt
+    python tools/probe_verify.py --fold 0 --shots 5 --record runs/probe/fold0-k5.pt  # one validation pass (~10 min)
+    python tools/probe_verify.py --fold 0 --shots 1 --instance --record runs/probe/fold0-inst.pt
     python tools/probe_verify.py --record runs/probe/fold0-k5.pt   # re-score an existing record only
 """
 
@@ -115,7 +116,6 @@ def variants(r: dict, bench) -> None:
     pads = r.get("pads") or [[1.0, 16.0, 16.0]] * len(files)  # the first record had none: val pads 320 px to 352
     allemb = torch.cat([F.normalize(im["emb"].float(), dim=-1) for im in imgs])
 
-    # the prototypes' own mean over classes: a centre known at inference (from the references alone)
     def dets_for(
         src=(0,),
         topk=10,
@@ -177,8 +177,6 @@ def variants(r: dict, bench) -> None:
             if head_power:
                 sc = sc * im["head"][keep].float().clamp_min(1e-6).pow(head_power)
             if margin is not None:  # soft top-1: how far the class is above the best other class
-                other = cos.clone()
-                top2 = cos.topk(2, 1).values
                 top2 = comp.topk(2, 1).values
                 other = torch.where(comp >= top2[:, :1], top2[:, 1:2], top2[:, :1])
                 sc = sc * torch.sigmoid((comp - other) / margin)
