@@ -3,7 +3,8 @@
 Every object of the fold's ``train`` scenes (labelled base-class objects and unlabelled distractors alike, each with
 its stamp's identity) and every ``support`` photo is cropped the way verification crops a candidate (square, 10 %
 context, 128 px, box mask), with ``--views`` jittered boxes per object (the head's boxes are never exact), and
-encoded by the frozen trunk (P5 masked mean). Novel-class stamps never occur in a fold's train scenes (checked).
+encoded by the frozen trunk (P5 masked mean). Objects of the fold's novel classes are skipped (the fold protocol
+keeps them out of training scenes already).
 
     python tools/metric_features.py --fold 0 --out runs/metric/fold0.pt
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+import yaml
 
 
 def main() -> None:
@@ -35,19 +37,13 @@ def main() -> None:
     trunk = LiteBackbone("efficientnet-lite0", frozen=True).eval()
     ver = CropVerifier()
     root = a.data / f"fold{a.fold}"
-    val = json.loads((root / "objects_val.json").read_text())
-    novel = {
-        o["stamp"]
-        for objs in val.values()
-        for o in objs
-        if o["label"] is not None and o["cls"] in ("fruit", "vegetables")
-    }
+    novel = set(yaml.safe_load((a.data / f"fold{a.fold}.yaml").read_text())["novel"])  # never learned from
     rng = np.random.default_rng(0)
     feats, stamps, labels, views = [], [], [], []
     for split in ("train", "support"):
         objects = json.loads((root / f"objects_{split}.json").read_text())
         for i, objs in objects.items():
-            objs = [o for o in objs if o["stamp"] not in novel]
+            objs = [o for o in objs if o["cls"] not in novel]
             if not objs:
                 continue
             img = cv2.imread(str(root / "images" / split / f"{int(i):06d}.jpg"))[..., ::-1]

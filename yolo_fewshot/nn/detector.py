@@ -128,7 +128,7 @@ class FewShotDetectionModel(DetectionModel):
                 raise ValueError(f"top1={top1!r} must be True or False")
             if self.verifier is None:
                 raise ValueError(f"top1={top1} needs crop verification on (verify=True)")
-            self.verifier = dataclasses.replace(self.verifier, top1=bool(top1))
+            self.verifier = dataclasses.replace(self.verifier, top1=top1)
 
     def set_proposals(self, proposals: str) -> None:
         """Where verification takes its candidates: ``head`` (the head's best boxes), ``centernet`` (the COCO

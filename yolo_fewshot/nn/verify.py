@@ -202,7 +202,7 @@ def exclusive(cos: Tensor, margin: float) -> Tensor:
     top2 = cos.topk(2, 1).values  # [C, 2]
     other = torch.where(cos >= top2[:, :1], top2[:, 1:2], top2[:, :1])  # the best class competes with the second
     if margin <= 0:
-        return (cos > other).to(cos) + (cos == other).to(cos) * (cos >= top2[:, :1]).to(cos)
+        return (cos >= top2[:, :1]).to(cos)
     return torch.sigmoid((cos - other) / margin)
 
 
