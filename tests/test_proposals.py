@@ -68,7 +68,7 @@ def test_output_shape_contract(fs):
     a = plain.shape[-1]
     for p in ("head", "centernet", "both"):
         out = _run(net, x, p)
-        extra = net.verifier.extra_columns
+        extra = net.verifier.extra_columns(1)
         assert extra == (0 if p == "head" else net.verifier.centernet_topk)
         assert out.shape == (1, 5, a + extra)
         torch.testing.assert_close(out[..., :4, :a], plain[..., :4, :])  # the head's boxes unchanged
@@ -128,7 +128,7 @@ def test_onnx_export_has_no_centernet_and_no_verification(fs, tmp_path, monkeypa
 
 def test_proposals_setting_is_checked_and_applied(fs):
     assert PLUGIN_DEFAULTS["proposals"] == CropVerifier().proposals
-    with pytest.raises(ValueError, match=r"^proposals='bogus' must be one of head, centernet, both$"):
+    with pytest.raises(ValueError, match=r"^proposals='bogus' must be one of head, centernet, keypoints or several"):
         fs.model.set_proposals("bogus")
     with pytest.raises(ValueError, match="must be one of"):
         check_settings({"proposals": "coco"})

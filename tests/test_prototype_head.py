@@ -114,7 +114,8 @@ def test_zero_init_dense_scores_peak_on_the_pasted_object():
     assert x1 <= cx <= x2 and y1 <= cy <= y2
 
 
-def test_crop_verifier_scores_the_pasted_object_first():
+@pytest.mark.parametrize("levels", [1, 3])
+def test_crop_verifier_scores_the_pasted_object_first(levels):
     m = FewShotYOLO(YAML)
     scene, box, cat = _pasted_scene()
     m.set_references({"cat": [cat]})
@@ -124,9 +125,30 @@ def test_crop_verifier_scores_the_pasted_object_first():
     grid = [[cx, cy, 96, 80] for cx in range(48, 320, 64) for cy in range(40, 320, 60)]
     boxes = [b for b in grid if abs(b[0] - 88) >= 96 or abs(b[1] - 220) >= 80] + [[88, 220, 96, 80]]
     y = torch.cat([torch.tensor(boxes, dtype=torch.float).T[None], torch.full((1, 1, len(boxes)), 0.5)], 1)
-    out = CropVerifier(topk=len(boxes), iou=1.0)(net.model[0], x, y, torch.zeros(1, 1, len(boxes)), net.prototypes[-1])
+    v = CropVerifier(topk=len(boxes), iou=1.0, levels=levels)
+    out = v(net.model[0], x, y, torch.zeros(1, 1, len(boxes)), net.prototypes)
     assert int(out[0, 4].argmax()) == len(boxes) - 1
     assert out.shape == y.shape and torch.equal(out[:, :4], y[:, :4])
+
+
+def test_verifier_similarity_is_the_mean_of_the_levels_cosines():
+    torch.manual_seed(0)
+    feats = [torch.rand(2, d, 8, 8) for d in (4, 5, 6, 7)]  # P2..P5 of two crops
+    protos = [torch.randn(1, 3, 2, d) for d in (5, 6, 7)]  # P3..P5, 3 classes, 2 references each
+    masks = torch.zeros(2, 1, 32, 32)
+    masks[:, :, 8:24, 4:28] = 1
+    idx = torch.zeros(2, dtype=torch.long)
+
+    def cos(level):
+        e = F.normalize(masked_mean(feats[level], masks), dim=-1)
+        return e @ F.normalize(protos[level - 1][0].mean(1), dim=-1).T
+
+    one = CropVerifier(levels=1).similarity(feats, masks, protos, 1, idx)
+    three = CropVerifier(levels=3).similarity(feats, masks, protos, 1, idx)
+    assert torch.allclose(one, cos(3), atol=1e-6)
+    assert torch.allclose(three, (cos(1) + cos(2) + cos(3)) / 3, atol=1e-6)
+    # more levels than the prototypes have: all of them
+    assert torch.allclose(CropVerifier(levels=9).similarity(feats, masks, protos, 1, idx), three, atol=1e-6)
 
 
 def test_verifier_crops_keep_the_box_layout_of_reference_crops():

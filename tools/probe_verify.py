@@ -14,6 +14,7 @@ seconds instead of a validation pass each.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -45,15 +46,19 @@ def record(a: argparse.Namespace) -> dict:
             per = []
             for c in self.split.names:
                 idx = [j for j in self.order[c] if self.table.image[j] != im][: self.k]
-                e = torch.stack([self.table.embeddings[j][-1][0].reshape(-1, self.table.embeddings[j][-1].shape[-1])[0]
-                                 for j in idx])  # fmt: skip
-                per.append(torch.cat([e, e[:1].expand(self.k - len(e), -1)]) if len(e) < self.k else e)
-            refs.append(torch.stack(per).half())  # [N, K, D]
-        rec[-1]["refs"] = refs
+                lv = []
+                for level in range(self.table.levels):  # every level: multi-level matching is scored offline
+                    e = torch.stack([self.table.embeddings[j][level][0].reshape(
+                        -1, self.table.embeddings[j][level].shape[-1])[0] for j in idx])  # fmt: skip
+                    lv.append(torch.cat([e, e[:1].expand(self.k - len(e), -1)]) if len(e) < self.k else e)
+                per.append(lv)
+            refs.append([torch.stack([p[level] for p in per]).half() for level in range(self.table.levels)])
+        rec[-1]["refs"] = [r[-1] for r in refs]  # [N, K, D] last level
+        rec[-1]["refs_levels"] = refs  # per image: list over levels of [N, K, D_l]
         return batch
 
     @torch.no_grad()
-    def verify(self, trunk, img, y, obj, protos):
+    def verify(self, trunk, img, y, obj, protos, keypoints=None):
         b, a_ = y.shape[0], y.shape[-1]
         boxes = V.xywh_to_xyxy(y[:, :4].transpose(1, 2))
         o = obj[:, 0].sigmoid()
@@ -76,19 +81,26 @@ def record(a: argparse.Namespace) -> dict:
             src = torch.cat([src, torch.full((int(m.sum()),), 2)])
             hs = torch.cat([hs, hs.new_zeros((int(m.sum()), hs.shape[1]))])
             crops, masks = self.crops(img, torch.full((len(allb),), i), allb.to(img.dtype))
-            emb = masked_mean(trunk(crops)[-1], masks)
+            feats = trunk(crops)
+            emb = masked_mean(feats[-1], masks)
             per.append(dict(boxes=allb.cpu(), obj=allo.cpu(), head=hs.cpu(), src=src, emb=emb.half().cpu(),
-                            protos=protos[min(i, len(protos) - 1)].half().cpu()))  # fmt: skip
+                            emb_levels=[masked_mean(f, masks).half().cpu() for f in feats],
+                            emb_levels_flip=[masked_mean(f, masks.flip(-1)).half().cpu()
+                                             for f in trunk(crops.flip(-1))],
+                            protos=protos[-1][min(i, len(protos[-1]) - 1)].half().cpu()))  # fmt: skip
         for j, d in enumerate(per):
             d["refs"] = rec[-1]["refs"][j]
+            d["refs_levels"] = rec[-1]["refs_levels"][j]
         rec[-1]["images"] = per
-        return call(self, trunk, img, y, obj, protos)
+        return call(self, trunk, img, y, obj, protos, keypoints)
 
     FewShotValidator.preprocess, V.CropVerifier.__call__ = preprocess, verify
-    V.CropVerifier.centernet_topk = a.centernet_topk
     try:
         yaml = Path(a.data) / (f"fold{a.fold}-instance.yaml" if a.instance else f"fold{a.fold}.yaml")
-        FewShotYOLO(a.model).val(
+        model = FewShotYOLO(a.model)
+        # the model's own verifier instance (class attributes would not reach it: dataclass fields are per instance)
+        model.model.verifier = dataclasses.replace(model.model.verifier, size=a.size, centernet_topk=a.centernet_topk)
+        model.val(
             data=str(yaml), shots=str(a.shots), seeds=1, imgsz=320, batch=16,
             save_json=False, plots=False, project="runs/probe", name="val", exist_ok=True, workers=0, verify=True,
         )  # fmt: skip
@@ -131,6 +143,8 @@ def variants(r: dict, bench) -> None:
         norm=None,
         zscore=None,
         knn=10,
+        levels=None,
+        flip=None,
     ):
         dets = []
         for f, im, (gain, pw, ph) in zip(files, imgs, pads):
@@ -159,6 +173,20 @@ def variants(r: dict, bench) -> None:
             else:
                 cos = torch.einsum("cd,nmd->cnm", e, F.normalize(p, dim=-1))
                 cos = cos.amax(-1) if agg == "max" else cos.mean(-1)
+            if levels is not None:  # multi-level: weighted mean of each level's cosine to its mean prototype
+
+                def lvcos(key, im=im, keep=keep):
+                    return sum(
+                        w * (F.normalize(im[key][lv][keep].float(), dim=-1)
+                             @ F.normalize(im["refs_levels"][lv].float().mean(1), dim=-1).T)
+                        for lv, w in levels.items()
+                    ) / sum(levels.values())  # fmt: skip
+
+                cos = lvcos("emb_levels")
+                if flip == "max":  # the crop or its mirror image, whichever matches the class better
+                    cos = torch.maximum(cos, lvcos("emb_levels_flip"))
+                elif flip == "mean":
+                    cos = (cos + lvcos("emb_levels_flip")) / 2
             ob = im["obj"][keep]
             comp = cos  # what the classes compete on (top-1 / margin)
             if norm is not None:  # hubness: how close each prototype is to generic objects (a bank of crops)
@@ -218,7 +246,18 @@ def variants(r: dict, bench) -> None:
 
 
 NT = dict(src=(0,), top1=False)
+SOFT = dict(src=(0,), top1=False, margin=0.02)
 ROWS = [
+    ("soft (default) P5", SOFT),
+    ("soft P4", {**SOFT, "levels": {-2: 1.0}}),
+    ("soft P3", {**SOFT, "levels": {-3: 1.0}}),
+    ("soft P4+P5", {**SOFT, "levels": {-2: 1.0, -1: 1.0}}),
+    ("soft P3+P4+P5", {**SOFT, "levels": {-3: 1.0, -2: 1.0, -1: 1.0}}),
+    ("soft P2..P5", {**SOFT, "levels": {-4: 1.0, -3: 1.0, -2: 1.0, -1: 1.0}}),
+    ("soft P4+P5 margin 0.05", {**SOFT, "levels": {-2: 1.0, -1: 1.0}, "margin": 0.05}),
+    ("soft P3+P4+P5 margin 0.05", {**SOFT, "levels": {-3: 1.0, -2: 1.0, -1: 1.0}, "margin": 0.05}),
+    ("nt P4+P5", {**NT, "levels": {-2: 1.0, -1: 1.0}}),
+    ("nt P3+P4+P5", {**NT, "levels": {-3: 1.0, -2: 1.0, -1: 1.0}}),
     ("as shipped: head top10, mean, top1", dict(src=(0,))),
     ("head top10, no top1", NT),
     ("no top1, obj_power 0", {**NT, "obj_power": 0.0}),
@@ -265,6 +304,7 @@ def main() -> None:
     p.add_argument("--instance", action="store_true")
     p.add_argument("--topk", type=int, default=30)
     p.add_argument("--centernet-topk", type=int, default=30)
+    p.add_argument("--size", type=int, default=128, help="candidate crop side (CropVerifier.size)")
     p.add_argument("--record", type=Path, required=True)
     p.add_argument("--proj", type=Path, default=None, help="a MetricProjection state (tools/train_metric.py)")
     p.add_argument("--proto-of-proj", action="store_true", help="prototype = mean of projected refs (K-shot)")

@@ -315,8 +315,8 @@ def _train_fewshot(b: Bench, cfg: str, tag: str, **kw) -> tuple[Path, float]:
         FewShotYOLO(str(best)).train(resume=True)
     elif not best.is_file():
         FewShotYOLO(cfg, encoder=b.a.encoder).train(
-            data=str(b.yaml), epochs=b.a.epochs, n_way=b.a.n_way, seed=0, shots=str(max(b.shots)), seeds=1,
-            val=False, **{**_run_args(b, tag), **kw},
+            data=str(b.yaml), epochs=b.a.epochs, seed=0, shots=str(max(b.shots)), seeds=1,
+            val=False, **{"n_way": b.a.n_way, **_run_args(b, tag), **kw},
         )  # fmt: skip
     return best, train_time(best, time.perf_counter() - t0)
 

@@ -17,7 +17,8 @@ Methods (one reference each; nothing is trained):
   centernet  the COCO CenterNet's 100 class-agnostic proposals, each crop re-encoded by the Lite0 trunk (P5, masked
              mean) and ranked by cosine to the reference prototype times objectness^0.5
   model      a FewShotYOLO checkpoint (--model PATH) given the reference photo and box; its top box at conf 0.001;
-             --proposals head|centernet|both picks the candidates its crop verification scores (prototype-head models)
+             --proposals head|centernet|keypoints (joined by +; both = head+centernet) picks the candidates its crop
+             verification scores (prototype-head models)
 Scenes and references longer than --max-side are shrunk for every method alike (boxes are mapped back).
 """
 
@@ -68,60 +69,18 @@ Detections = tuple[np.ndarray, np.ndarray]  # boxes [N, 4] xyxy px of the image 
 
 
 def sift_homography(
-    ref: np.ndarray,
-    ref_box,
-    scene: np.ndarray,
-    ref_mask: np.ndarray | None = None,
-    ratio: float = 0.75,
-    min_inliers: int = 8,
-    ransac_px: float = 5.0,
+    ref: np.ndarray, ref_box, scene: np.ndarray, ref_mask: np.ndarray | None = None
 ) -> tuple[np.ndarray | None, int]:
-    """SIFT keypoints of the reference box matched into the scene (Lowe's ratio test), a RANSAC homography, and the
-    reference box's corners projected through it.
-
-    Args:
-        ref: Reference image (RGB or grey uint8).
-        ref_box: The object's box in ``ref`` (xyxy px).
-        scene: Scene image (RGB or grey uint8).
-        ref_mask: Optional object mask of ``ref`` in [0, 1] (a cut-out's alpha): keypoints only where it is > 0.5.
-        ratio: Lowe's ratio test threshold.
-        min_inliers: Fewer RANSAC inliers than this = not found.
-        ransac_px: RANSAC reprojection threshold in scene pixels.
+    """SIFT keypoints of the reference box matched into the scene and the box projected through a RANSAC homography
+    (the library's :mod:`yolo_fewshot.nn.keypoint_match`, the model's ``proposals=...+keypoints`` source).
 
     Returns:
-        ``(box, inliers)``: the projected box's extent clipped to the scene (xyxy px), or None when not found (too few
-        matches or inliers, or a degenerate projection: not convex, or smaller than 0.01 % of the scene).
+        ``(box, inliers)``: the projected box (xyxy scene px) or None when not found.
     """
-    grey = [cv2.cvtColor(im, cv2.COLOR_RGB2GRAY) if im.ndim == 3 else im for im in (ref, scene)]
-    x1, y1, x2, y2 = (float(v) for v in ref_box)
-    mask = np.zeros(grey[0].shape, np.uint8)
-    mask[int(y1) : int(np.ceil(y2)), int(x1) : int(np.ceil(x2))] = 255
-    if ref_mask is not None:
-        mask[ref_mask <= 0.5] = 0
-    sift = cv2.SIFT_create()
-    kr, dr = sift.detectAndCompute(grey[0], mask)
-    ks, ds = sift.detectAndCompute(grey[1], None)
-    if dr is None or ds is None or len(kr) < 4 or len(ks) < 4:
-        return None, 0
-    matches = cv2.BFMatcher(cv2.NORM_L2).knnMatch(dr, ds, k=2)
-    good = [m[0] for m in matches if len(m) == 2 and m[0].distance < ratio * m[1].distance]
-    if len(good) < max(4, min_inliers):
-        return None, 0
-    src = np.float32([kr[m.queryIdx].pt for m in good])
-    dst = np.float32([ks[m.trainIdx].pt for m in good])
-    hom, inl = cv2.findHomography(src, dst, cv2.RANSAC, ransac_px, maxIters=5000, confidence=0.999)
-    n = int(inl.sum()) if inl is not None else 0
-    if hom is None or n < min_inliers:
-        return None, n
-    quad = cv2.perspectiveTransform(np.float32([[x1, y1], [x2, y1], [x2, y2], [x1, y2]])[None], hom)[0]
-    h, w = grey[1].shape
-    if not np.isfinite(quad).all() or not cv2.isContourConvex(quad.reshape(-1, 1, 2)):
-        return None, n
-    box = np.array([quad[:, 0].min(), quad[:, 1].min(), quad[:, 0].max(), quad[:, 1].max()], np.float32)
-    box[0::2], box[1::2] = box[0::2].clip(0, w), box[1::2].clip(0, h)
-    if (box[2] - box[0]) * (box[3] - box[1]) < 1e-4 * w * h:
-        return None, n
-    return box, n
+    from yolo_fewshot.nn.keypoint_match import KeypointTemplate, features, match
+
+    grey = cv2.cvtColor(scene, cv2.COLOR_RGB2GRAY) if scene.ndim == 3 else scene
+    return match(KeypointTemplate.from_image(ref, ref_box, ref_mask), features(grey), (grey.shape[1], grey.shape[0]))
 
 
 class SiftMethod:
@@ -339,8 +298,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="*", default=list(DEFAULT_METHODS), choices=METHODS)
     ap.add_argument("--model", help="FewShotYOLO checkpoint for --methods model")
     ap.add_argument("--imgsz", type=int, default=None, help="predict size for --methods model (default: the model's)")
-    ap.add_argument("--proposals", choices=("head", "centernet", "both"), default=None,
-                    help="candidates of --methods model's crop verification (default: the model's setting)")
+    ap.add_argument(
+        "--proposals",
+        default=None,
+        help="candidates of --methods model's crop verification (default: the model's setting)",
+    )
     ap.add_argument("--centernet-topk", type=int, default=None, help="CenterNet candidates per image (model)")
     ap.add_argument("--pairs", nargs="*", help="evaluate only these pair ids")
     ap.add_argument("--manifest", help="another manifest (default: the committed one)")

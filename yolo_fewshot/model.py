@@ -237,6 +237,7 @@ class FewShotYOLO(Model):
         levels = len(self.model.proto_dims)
         negatives, negative_of = bank.negative_prototypes(levels)
         self.model.set_prototypes(bank.prototypes(levels), bank.names, negatives, negative_of)
+        self.model.set_keypoints([c.keypoints for c in bank.classes.values()])
         self.model.reference_thumbnails = {
             n: c.thumbnail.numpy() for n, c in bank.classes.items() if c.thumbnail is not None
         }

@@ -22,6 +22,7 @@ from ultralytics.nn.tasks import DetectionModel
 
 from ..configs import load_model_yaml
 from ..encoders import build_encoder, is_trainable
+from .keypoint_match import KeypointTemplate
 from .loss import EpisodicDetectionLoss, PrototypeDetectionLoss
 from .prototype_detect import PrototypeDetect
 from .prototypes import PrototypeConsumer, as_prototypes
@@ -105,6 +106,15 @@ class FewShotDetectionModel(DetectionModel):
         p = next(self.parameters())
         self._protos = [t.to(p.device, p.dtype) for t in protos]
         self.names = dict(enumerate(names))
+        self.keypoints = []  # new classes: the references' keypoints, if any, are set with them (set_keypoints)
+
+    def set_keypoints(self, keypoints: Sequence[Sequence[KeypointTemplate]]) -> None:
+        """Per class (in the prototypes' order), the SIFT keypoints of its references, for ``keypoints`` proposals
+        (:mod:`~yolo_fewshot.nn.keypoint_match`); set after :meth:`set_prototypes`, which clears them."""
+        n = len(self.names)  # the classes (negatives are hidden extra prototypes, not named)
+        if self.prototypes is None or len(keypoints) != n:
+            raise ValueError(f"keypoints for {len(keypoints)} classes; the model has prototypes of {n}")
+        self.keypoints = [list(k) for k in keypoints]
 
     @property
     def can_verify(self) -> bool:
@@ -113,9 +123,9 @@ class FewShotDetectionModel(DetectionModel):
 
     def set_verify(self, on: bool | CropVerifier, proposals: str | None = None, top1: bool | None = None) -> None:
         """Switch crop verification (:class:`~yolo_fewshot.nn.verify.CropVerifier`) on (default settings or the given
-        ones) or off; refused for a model that cannot verify. ``proposals`` (``head``, ``centernet``, ``both``) picks
-        the candidates' source, ``top1`` whether classes compete for a box (instances: yes; categories: no) (default:
-        the verifier's own)."""
+        ones) or off; refused for a model that cannot verify. ``proposals`` (``head``, ``centernet``, ``keypoints``,
+        joined by ``+``; ``both`` = ``head+centernet``) picks the candidates' sources, ``top1`` whether classes compete
+        for a box (instances: yes; categories: no) (default: the verifier's own)."""
         if on and not self.can_verify:
             raise ValueError(
                 "verify=True needs a prototype-head model on a frozen trunk (e.g. yolov8n-lite0-proto.yaml)"
@@ -132,7 +142,8 @@ class FewShotDetectionModel(DetectionModel):
 
     def set_proposals(self, proposals: str) -> None:
         """Where verification takes its candidates: ``head`` (the head's best boxes), ``centernet`` (the COCO
-        CenterNet's class-agnostic boxes) or ``both`` (their union); refused with verification off."""
+        CenterNet's class-agnostic boxes), ``keypoints`` (each class's reference box projected by a SIFT homography),
+        or several joined by ``+`` (their union; ``both`` = ``head+centernet``); refused with verification off."""
         check_proposals(proposals)
         verifier = self.__dict__.get("verifier")
         if verifier is None:
@@ -149,7 +160,8 @@ class FewShotDetectionModel(DetectionModel):
         """Ultralytics' predict with the prototypes bound for this call (``[B, 4+N, A]`` outputs); negative
         references run as hidden extra classes and are folded away (:func:`suppress_negatives`). With crop
         verification on (eval, not export), the verifier re-scores the candidates; CenterNet proposals add
-        ``verifier.extra_columns`` anchor columns (``[B, 4+N, A+K]``), which Ultralytics' NMS takes unchanged."""
+        and keypoint proposals add ``verifier.extra_columns(N)`` anchor columns (``[B, 4+N, A+E]``), which
+        Ultralytics' NMS takes unchanged."""
         self._bind(self.prototypes)
         try:
             out = super().predict(x, *args, **kwargs)
@@ -165,7 +177,8 @@ class FewShotDetectionModel(DetectionModel):
             and self.prototypes is not None
             and not torch._C._is_torch_function_mode_enabled()
         ):
-            out = verifier(self.model[0], x, out[0], out[1]["obj"], self.prototypes[-1]), out[1]
+            kps = self.__dict__.get("keypoints")
+            out = verifier(self.model[0], x, out[0], out[1]["obj"], self.prototypes, kps), out[1]
         neg = self.__dict__.get("_negative_of") or []
         if not neg or self.training:
             return out

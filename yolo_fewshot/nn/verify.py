@@ -8,24 +8,30 @@ reference first among the objects of its scene 95 % of the time on the benchmark
 (probe in issue 11). The cost is one trunk pass over ``topk`` small crops per image, so it is optional and measured
 (README, benchmark).
 
-Where the candidates come from (``proposals``):
+Where the candidates come from (``proposals``, sources joined by ``+``):
 
 * ``head``: the head's own best anchors (class-agnostic NMS on the best class score, which is objectness times the
   reference similarity: reference-driven proposals);
 * ``centernet``: the class-agnostic boxes of the ported COCO CenterNet (:mod:`yolo_fewshot.nn.centernet`; objectness =
   max over its 80 class heatmaps), run on the model input resized to 512 — objectness learned on real photographs,
   where a head trained on pasted stamps proposes badly (DESIGN.md, "Real-photo objectness");
-* ``both``: the union of the two, every candidate scored by the same verification (objects outside COCO's classes
-  still come from the head).
+* ``keypoints``: each class's reference box projected into the scene through a SIFT + RANSAC homography
+  (:mod:`yolo_fewshot.nn.keypoint_match`; objectness ``n / (n + keypoint_inliers)`` of its ``n`` inliers) —
+  reference-driven, for the same instance seen again (a poster, a product, a building), whatever its class;
+* ``both`` is ``head+centernet``; e.g. ``centernet+keypoints`` unites COCO objectness with keypoint matches, every
+  candidate scored by the same verification (objects outside COCO's classes still come from the head or keypoints).
 
-CenterNet boxes are appended to Ultralytics' ``[B, 4 + N, A]`` output as ``centernet_topk`` extra anchor columns
-(``[B, 4 + N, A + K]``), so Ultralytics' NMS, validator and predictor take them unchanged. The CenterNet network is
-loaded once per device into a module-level cache (:func:`centernet`), never into the detector: it is not part of any
-``state_dict`` or checkpoint pickle (it ships as its own safetensors), and an export (which never verifies) has none.
+CenterNet boxes are appended to Ultralytics' ``[B, 4 + N, A]`` output as ``centernet_topk`` extra anchor columns, then
+the keypoint boxes as one column per class (``[B, 4 + N, A + E]``, :meth:`CropVerifier.extra_columns`), so
+Ultralytics' NMS, validator and predictor take them unchanged. The CenterNet network is loaded once per device into a
+module-level cache (:func:`centernet`), never into the detector: it is not part of any ``state_dict`` or checkpoint
+pickle (it ships as its own safetensors), and an export (which never verifies) has none. Keypoints are the references'
+(:class:`~yolo_fewshot.nn.keypoint_match.KeypointTemplate`, set with them), not the model's weights.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,8 +40,9 @@ from torch import Tensor
 from torchvision.ops import batched_nms, nms, roi_align
 
 from ..encoders.base import masked_mean
+from .keypoint_match import KeypointTemplate, keypoint_boxes
 
-PROPOSALS = ("head", "centernet", "both")
+PROPOSALS = ("head", "centernet", "keypoints")  # the sources; a setting joins them with "+" ("both": head+centernet)
 _CENTERNET: dict[str, object] = {}  # device -> the CenterNet network, loaded on first use
 
 
@@ -50,10 +57,26 @@ def centernet(device: torch.device | str = "cpu"):
     return _CENTERNET[key]
 
 
+def proposal_sources(value: str) -> frozenset[str]:
+    """The candidate sources a ``proposals`` setting names (``"centernet+keypoints"``; ``"both"``: head and
+    CenterNet); a one-line ValueError for anything else."""
+    names = ["head", "centernet"] if value == "both" else str(value).split("+")
+    if (
+        not isinstance(value, str)
+        or not names
+        or any(n not in PROPOSALS for n in names)
+        or len(set(names)) < len(names)
+    ):
+        raise ValueError(
+            f"proposals={value!r} must be one of head, centernet, keypoints or several joined by '+' "
+            "(e.g. centernet+keypoints; both = head+centernet)"
+        )
+    return frozenset(names)
+
+
 def check_proposals(value: str) -> str:
-    """``value`` if it names a proposal source, else a one-line ValueError."""
-    if value not in PROPOSALS:
-        raise ValueError(f"proposals={value!r} must be one of {', '.join(PROPOSALS)}")
+    """``value`` if it names proposal sources (:func:`proposal_sources`), else a one-line ValueError."""
+    proposal_sources(value)
     return value
 
 
@@ -79,9 +102,14 @@ class CropVerifier:
             fold 0's instance protocol, raw score 0.05 (88 % precision, 0.15 false positives per scene) maps to 0.25;
             with ``gamma=1`` good matches scored ~0.02, ``conf=0.25`` showed nothing, and weak true matches fell
             under validation's ``conf=0.001`` (instance AP50 fold 1: 0.245 -> 0.271 with it).
-        proposals: Candidate source: ``head``, ``centernet`` or ``both`` (module doc).
+        levels: How many of the prototypes' levels (the last ones: P5, then P4, P3) the crop is compared on; the
+            cosine is the mean of the levels' cosines. Lower levels keep colour and texture, which tell an instance
+            from its look-alikes; P5 alone is mostly semantic (fold 1 instance 1-shot AP50, ``tools/probe_verify.py``:
+            P5 0.27, P3-P5 0.41).
+        proposals: Candidate sources: ``head``, ``centernet``, ``keypoints``, joined by ``+`` (module doc).
         centernet_topk: CenterNet candidates per image (after their NMS); also the number of extra output columns.
         centernet_size: CenterNet input side (the model input is resized to it, aspect not kept, as it was trained).
+        keypoint_inliers: Inliers at which a keypoint box's objectness is 0.5 (``n / (n + keypoint_inliers)``).
     """
 
     topk: int = 10
@@ -93,17 +121,24 @@ class CropVerifier:
     top1: bool = True
     margin: float = 0.02
     gamma: float = 0.46
+    levels: int = 3
     proposals: str = "head"
     centernet_topk: int = 30
     centernet_size: int = 512
+    keypoint_inliers: float = 10.0
 
     def __post_init__(self) -> None:
         check_proposals(self.proposals)
 
     @property
-    def extra_columns(self) -> int:
-        """Anchor columns this verifier appends to the head's output."""
-        return self.centernet_topk if self.proposals in ("centernet", "both") else 0
+    def sources(self) -> frozenset[str]:
+        """The candidate sources of :attr:`proposals`."""
+        return proposal_sources(self.proposals)
+
+    def extra_columns(self, n: int = 0) -> int:
+        """Anchor columns this verifier appends to the head's output for ``n`` classes (CenterNet's, then one keypoint
+        box per class)."""
+        return self.centernet_topk * ("centernet" in self.sources) + n * ("keypoints" in self.sources)
 
     @torch.no_grad()
     def centernet_boxes(self, img: Tensor) -> tuple[Tensor, Tensor]:
@@ -122,8 +157,34 @@ class CropVerifier:
             boxes[i, : len(p)], obj[i, : len(p)] = p[:, :4], p[:, 4]
         return boxes, obj
 
+    def keypoint_boxes(
+        self, img: Tensor, keypoints: Sequence[Sequence[KeypointTemplate]], n: int
+    ) -> tuple[Tensor, Tensor]:
+        """Each class's keypoint match in each image: boxes ``[B, N, 4]`` (xyxy, input pixels) and objectness
+        ``[B, N]`` (``inliers / (inliers + keypoint_inliers)``; 0 where nothing was found)."""
+        boxes = img.new_zeros((img.shape[0], n, 4), dtype=torch.float32)
+        obj = img.new_zeros((img.shape[0], n), dtype=torch.float32)
+        templates = list(keypoints)[:n] + [[]] * max(0, n - len(keypoints))
+        if not any(len(t) for ts in templates for t in ts):
+            return boxes, obj
+        scenes = (img.float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        for i, scene in enumerate(scenes):
+            bx, inl = keypoint_boxes(templates, scene)
+            boxes[i] = torch.from_numpy(bx).to(boxes)
+            inl = torch.from_numpy(inl).to(obj)
+            obj[i] = inl / (inl + self.keypoint_inliers)
+        return boxes, obj
+
     @torch.no_grad()
-    def __call__(self, trunk, img: Tensor, y: Tensor, obj: Tensor, protos: Tensor) -> Tensor:
+    def __call__(
+        self,
+        trunk,
+        img: Tensor,
+        y: Tensor,
+        obj: Tensor,
+        protos: list[Tensor],
+        keypoints: Sequence[Sequence[KeypointTemplate]] | None = None,
+    ) -> Tensor:
         """Re-score ``y``: candidates get the verified score, every other anchor 0.
 
         Args:
@@ -131,11 +192,14 @@ class CropVerifier:
             img: The model's input ``[B, 3, H, W]`` in [0, 1].
             y: Decoded predictions ``[B, 4 + N, A]`` (xywh in input pixels, class probabilities).
             obj: Objectness logits ``[B, 1, A]``.
-            protos: Last-level prototypes ``[B|1, N, M, D]``.
+            protos: Per-level prototypes ``[B|1, N, M, D_l]``, the trunk's last levels (P3-P5 or P5 alone).
+            keypoints: Per class, its references' keypoints (``keypoints`` proposals; classes beyond the list, e.g.
+                negatives, and classes without keypoints propose nothing).
 
         Returns:
-            ``[B, 4 + N, A + E]`` (``E`` = :attr:`extra_columns`): the head's boxes unchanged, then the CenterNet
-            boxes (xywh); scores of the candidates verified, of everything else 0.
+            ``[B, 4 + N, A + E]`` (``E`` = :meth:`extra_columns`): the head's boxes unchanged, then the CenterNet
+            boxes, then one keypoint box per class (xywh; empty where none); scores of the candidates verified, of
+            everything else 0.
         """
         b, a = y.shape[0], y.shape[-1]
         boxes = xywh_to_xyxy(y[:, :4].transpose(1, 2))  # [B, A, 4]
@@ -143,7 +207,8 @@ class CropVerifier:
         out[:, 4:] = 0
         # candidates: (image, column of the output, box xyxy, objectness in [0, 1])
         idx, col, cbox, cobj = [], [], [], []
-        if self.proposals in ("head", "both"):
+        sources = self.sources
+        if "head" in sources:
             best = y[:, 4:].amax(1)  # [B, A]
             cand = []
             for i in range(b):
@@ -155,27 +220,47 @@ class CropVerifier:
             ha = torch.cat(cand)
             idx.append(hi), col.append(ha), cbox.append(boxes[hi, ha].float())
             cobj.append(obj[hi, 0, ha].float().sigmoid())
-        if self.extra_columns:
-            cb, co = self.centernet_boxes(img)  # [B, K, 4], [B, K]
-            k = cb.shape[1]
-            extra = y.new_zeros((b, y.shape[1], k))
-            extra[:, :4] = xyxy_to_xywh(cb).transpose(1, 2).to(y.dtype)
-            out = torch.cat([out, extra], -1)
+        extra = []  # (boxes [B, K, 4] xyxy, objectness [B, K]) of each appended source
+        if "centernet" in sources:
+            extra.append(self.centernet_boxes(img))
+        if "keypoints" in sources:
+            extra.append(self.keypoint_boxes(img, keypoints or [], y.shape[1] - 4))
+        for cb, co in extra:
+            k, start = cb.shape[1], out.shape[-1]
+            cols = y.new_zeros((b, y.shape[1], k))
+            cols[:, :4] = xyxy_to_xywh(cb).transpose(1, 2).to(y.dtype)
+            out = torch.cat([out, cols], -1)
             ci, ck = (co > 0).nonzero(as_tuple=True)  # padding (objectness 0) is never a candidate
-            idx.append(ci), col.append(a + ck), cbox.append(cb[ci, ck]), cobj.append(co[ci, ck])
+            idx.append(ci), col.append(start + ck), cbox.append(cb[ci, ck]), cobj.append(co[ci, ck])
         idx, col, cbox, cobj = torch.cat(idx), torch.cat(col), torch.cat(cbox), torch.cat(cobj)
         if not len(idx):
             return out
         crops, masks = self.crops(img, idx, cbox.to(img.dtype))
-        emb = masked_mean(trunk(crops)[-1], masks)  # [C, D]
-        q = F.normalize(protos.mean(2), dim=-1, eps=1e-6).expand(b, -1, -1)[idx]  # [C, N, D]
-        cos = (q @ F.normalize(emb, dim=-1, eps=1e-6)[:, :, None]).squeeze(-1)  # [C, N]
+        cos = self.similarity(trunk(crops), masks, protos, b, idx)  # [C, N]
         score = cos.clamp_min(0).pow(self.sim_power) * cobj.to(cos).pow(self.obj_power)[:, None]
         if self.top1:
             score = score * exclusive(cos, self.margin)
         score = score.pow(self.gamma)
         out[idx, 4:, col] = score.to(y.dtype)
         return out
+
+    def similarity(self, feats: list[Tensor], masks: Tensor, protos: list[Tensor], b: int, idx: Tensor) -> Tensor:
+        """Cosine ``[C, N]`` of each crop with each class, averaged over the last :attr:`levels` levels.
+
+        Args:
+            feats: The trunk's maps of the crops, ``[C, D_l, h, w]`` per level (P2..P5).
+            masks: The boxes inside the crops ``[C, 1, S, S]``.
+            protos: Per-level prototypes ``[B|1, N, M, D_l]`` (the trunk's last levels).
+            b: Batch size of the scene images.
+            idx: Image of each crop ``[C]``.
+        """
+        n = max(1, min(self.levels, len(protos)))
+        cos = 0
+        for f, p in zip(feats[-n:], protos[-n:]):
+            q = F.normalize(p.mean(2), dim=-1, eps=1e-6).expand(b, -1, -1)[idx]  # [C, N, D_l]
+            e = F.normalize(masked_mean(f, masks), dim=-1, eps=1e-6)  # [C, D_l]
+            cos = cos + (q @ e[:, :, None]).squeeze(-1)
+        return cos / n
 
     def crops(self, img: Tensor, idx: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
         """Square, aspect-preserving crops ``[C, 3, S, S]`` around ``boxes`` (xyxy, image ``idx``) with ``context``,

@@ -13,6 +13,7 @@ is wrong with it, never a ``KeyError``.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from torch import Tensor
 
 from ..atomic import replace_atomic
 from ..encoders.base import EncoderSpec
+from ..nn.keypoint_match import KeypointTemplate
 from .aggregate import METHODS, aggregate
 
 FORMAT = "yolo_fewshot.reference_bank/1"
@@ -48,6 +50,7 @@ class ClassReferences:
     negatives: list[Tensor] | None = None
     negative_sources: list[dict] = field(default_factory=list)
     thumbnail: Tensor | None = None  # [T, T, 3] uint8 RGB of the first reference, shown on saved predictions
+    keypoints: list[KeypointTemplate] = field(default_factory=list)  # SIFT keypoints of each reference (may be none)
 
     @property
     def k(self) -> int:
@@ -107,8 +110,10 @@ class ReferenceBank:
         negatives: list[Tensor] | None = None,
         negative_sources: list[dict] | None = None,
         thumbnail: Tensor | None = None,
+        keypoints: Sequence[KeypointTemplate] = (),
     ) -> None:
-        """Add a class (its per-level ``[K, M, D_l]`` embeddings, optional negatives); other classes are untouched.
+        """Add a class (its per-level ``[K, M, D_l]`` embeddings, optional negatives and keypoints of its references
+        for ``proposals=...+keypoints``); other classes are untouched.
 
         Raises:
             ValueError: Empty or duplicate name, no reference, wrong shape, NaN.
@@ -122,7 +127,9 @@ class ReferenceBank:
         if emb[0].shape[0] == 0:
             raise ValueError(f"class '{name}' has no reference image")
         neg = None if negatives is None else self._check(name, negatives, "negative references")
-        self.classes[name] = ClassReferences(emb, list(sources or []), neg, list(negative_sources or []), thumbnail)
+        self.classes[name] = ClassReferences(
+            emb, list(sources or []), neg, list(negative_sources or []), thumbnail, list(keypoints)
+        )
 
     def remove(self, name: str) -> None:
         """Remove a class."""
@@ -185,6 +192,9 @@ class ReferenceBank:
                     tensors[f"c{i}.neg.l{lv}"] = e
             if c.thumbnail is not None:
                 tensors[f"c{i}.thumb"] = c.thumbnail
+            for j, t in enumerate(c.keypoints):
+                tensors[f"c{i}.kp{j}.points"] = torch.from_numpy(t.points)
+                tensors[f"c{i}.kp{j}.descriptors"] = torch.from_numpy(t.descriptors)
             classes.append(
                 {
                     "name": name,
@@ -192,6 +202,7 @@ class ReferenceBank:
                     "sources": c.sources,
                     "negatives": c.negatives is not None,
                     "negative_sources": c.negative_sources,
+                    "keypoint_sizes": [list(t.size) for t in c.keypoints],
                 }
             )
         meta = {"format": FORMAT, "encoder": self.spec.to_dict(), "method": self.method, "classes": classes}
@@ -258,7 +269,10 @@ class ReferenceBank:
             name = c["name"]
             pos = level_tensors(i, "pos", name)
             neg = level_tensors(i, "neg", name, " says it has negatives but the file") if c.get("negatives") else None
-            bank.add(name, pos, c.get("sources"), neg, c.get("negative_sources"), tensors.get(f"c{i}.thumb"))
+            kps = [
+                _keypoints(tensors, f"c{i}.kp{j}", name, size) for j, size in enumerate(c.get("keypoint_sizes") or [])
+            ]
+            bank.add(name, pos, c.get("sources"), neg, c.get("negative_sources"), tensors.get(f"c{i}.thumb"), kps)
         return bank
 
     def __repr__(self) -> str:
@@ -266,3 +280,20 @@ class ReferenceBank:
             f"ReferenceBank({len(self)} classes {self.names}, K={[c.k for c in self.classes.values()]}, "
             f"encoder={self.spec.name}, method={self.method})"
         )
+
+
+def _keypoints(tensors: dict[str, Tensor], key: str, name: str, size) -> KeypointTemplate:
+    """One reference's keypoints from a bank file (plain arrays; every inconsistency is a one-line ValueError)."""
+    pts, desc = tensors.get(f"{key}.points"), tensors.get(f"{key}.descriptors")
+    if pts is None or desc is None:
+        raise ValueError(f"class '{name}' lists keypoints but the file has no tensor {key}.points/.descriptors")
+    if pts.ndim != 2 or pts.shape[1] != 2 or desc.ndim != 2 or desc.shape != (len(pts), 128):
+        raise ValueError(
+            f"class '{name}' keypoints {key} have shapes {tuple(pts.shape)} and {tuple(desc.shape)}; expected [P, 2] "
+            "and [P, 128]"
+        )
+    try:
+        w, h = (float(v) for v in size)
+    except (TypeError, ValueError):
+        raise ValueError(f"class '{name}' keypoint size {size!r} must be [w, h]") from None
+    return KeypointTemplate(pts.float().numpy(), desc.float().numpy(), (w, h))

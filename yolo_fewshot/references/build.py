@@ -28,8 +28,9 @@ import torch
 import yaml
 
 from ..encoders.base import SupportEncoder
+from ..nn.keypoint_match import KeypointTemplate
 from .bank import ReferenceBank
-from .crops import MIN_SIDE, box_numbers, file_digest, make_crop
+from .crops import MIN_SIDE, box_numbers, file_digest, make_crop, read_image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -225,5 +226,11 @@ def build_bank(
     for name, its in items.items():
         emb, src, first = _encode(encoder, its, context, name)
         neg, nsrc, _ = _encode(encoder, neg_all[name], context, name) if neg_all.get(name) else (None, [], None)
-        bank.add(name, emb, src, neg, nsrc, thumbnail(first))
+        bank.add(name, emb, src, neg, nsrc, thumbnail(first), [_keypoints(img, box) for img, box in its])
     return bank
+
+
+def _keypoints(img: Any, box: Any) -> KeypointTemplate:
+    """SIFT keypoints of one reference (inside its box and, for a cut-out, its alpha) for keypoint proposals."""
+    rgb, alpha = read_image(img)
+    return KeypointTemplate.from_image(rgb, box, alpha)
