@@ -125,7 +125,7 @@ def test_crop_verifier_scores_the_pasted_object_first(levels):
     grid = [[cx, cy, 96, 80] for cx in range(48, 320, 64) for cy in range(40, 320, 60)]
     boxes = [b for b in grid if abs(b[0] - 88) >= 96 or abs(b[1] - 220) >= 80] + [[88, 220, 96, 80]]
     y = torch.cat([torch.tensor(boxes, dtype=torch.float).T[None], torch.full((1, 1, len(boxes)), 0.5)], 1)
-    v = CropVerifier(topk=len(boxes), iou=1.0, levels=levels)
+    v = CropVerifier(topk=len(boxes), iou=1.0, levels=levels, proposals="head")
     out = v(net.model[0], x, y, torch.zeros(1, 1, len(boxes)), net.prototypes)
     assert int(out[0, 4].argmax()) == len(boxes) - 1
     assert out.shape == y.shape and torch.equal(out[:, :4], y[:, :4])

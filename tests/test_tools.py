@@ -41,5 +41,8 @@ def test_bench_speed_json():
     out = run_tool("bench_speed.py", "--imgsz", "64", "--iters", "1")
     assert set(out["fewshot_ms"]) == {"1", "3", "8"} and out["baseline_ms"] > 0
     assert out["ratio_1ref"] == round(out["fewshot_ms"]["1"] / out["baseline_ms"], 3)
-    assert set(out["torch_ms"]) == {"baseline", "1", "3", "8", "1+verify"}  # the default model verifies crops
+    # the default model verifies crops, timed with its default candidates and with the head's alone
+    assert set(out["torch_ms"]) == {"baseline", "1", "3", "8", "1+verify", "1+verify:head"}
+    ratio = out["torch_ms"]["1+verify"] / out["torch_ms"]["1+verify:head"]
+    assert abs(out["proposal_ratios"]["head"] - ratio) < 1e-2
     assert out["config"]["model"] == "yolov8n-lite0-proto.yaml" and out["config"]["baseline"] == "yolov8n-lite0.yaml"

@@ -24,7 +24,9 @@ PLUGIN_DEFAULTS: dict[str, Any] = {
     "views": 2,  # cached augmented views per training instance
     "fewshot_cache": None,  # embedding cache dir (default: <dataset root>/.yolo_fewshot_cache)
     "verify": True,  # prototype-head models: re-score the top boxes by encoding their crops (off: one pass only)
-    "proposals": "head",  # verification's candidates: head (its best boxes), centernet (COCO CenterNet's), both
+    # verification's candidates: head (its best boxes), centernet (COCO CenterNet's), keypoints (SIFT matches of the
+    # references), joined by "+"; both = head+centernet
+    "proposals": "centernet",
     "top1": True,  # verification: classes compete for a box (references are instances); False for category search
     "finetune": False,  # TFA-style: train on K shots (shots=K) of every class, novel included; backbone frozen
 }
