@@ -8,8 +8,9 @@ Methods (every one scored with pycocotools on the same val images, novel and bas
 over reference draws, and false positives per image on distractors):
   cosine      zero training: the support encoder's cosine similarity over sliding windows
   proto       ours, the default: yolov8n-lite0-proto (frozen Lite0 trunk = the encoder, class-agnostic boxes, one
-              similarity per class), trained episodically on the base classes; novel classes train-free; verified
-  proto-cn    the same weights, the verified candidates are the ported COCO CenterNet's boxes (proposals=centernet)
+              similarity per class), trained episodically on the base classes; novel classes train-free; the ported
+              COCO CenterNet's boxes verified by the trunk (the model's default proposals=centernet)
+  proto-head  the same weights, the verified candidates are the head's own boxes (proposals=head)
   proto-1pass the same weights without crop verification (one pass per image)
   proto-cat   the same weights, category search: classes do not compete for a box (top1=False; category protocol)
   psalm       ours, yolov8n-psalm-p2 trained episodically on the base classes, novel classes train-free
@@ -34,7 +35,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("cosine", "proto", "proto-cat", "proto-cn", "proto-1pass", "psalm", "yolo-ft", "upper", "psalm-ft", "cheaf")
+METHODS = (
+    "cosine", "proto", "proto-cat", "proto-head", "proto-1pass", "psalm", "yolo-ft", "upper", "psalm-ft", "cheaf",
+)  # fmt: skip
 CONF = 0.25  # score threshold of the false-positive count (Ultralytics' predict default)
 
 
@@ -256,7 +259,7 @@ def _fewshot_val(
     seeds: int,
     name: str,
     verify: bool = True,
-    proposals: str = "head",
+    proposals: str | None = None,
     top1: bool = True,
 ) -> dict[tuple, list]:
     """Our validator with seeded K-shot draws; returns each draw's COCO predictions by ``(K, seed)``."""
@@ -266,7 +269,7 @@ def _fewshot_val(
     FewShotYOLO(str(weights)).val(
         data=str(data), shots=shots, seeds=seeds, imgsz=b.a.imgsz, batch=b.a.batch, save_json=True, plots=False,
         project=str(b.out), name=name, exist_ok=True, encoder=b.a.encoder, workers=0, verify=verify,
-        **({"proposals": proposals, "top1": top1} if verify else {}),
+        **({"top1": top1, **({"proposals": proposals} if proposals else {})} if verify else {}),
     )  # fmt: skip
     ks = [int(s) for s in shots.split(",")]
     many = len(ks) * seeds > 1  # the validator keeps one file per draw only when there are several
@@ -278,7 +281,7 @@ def _fewshot_val(
 
 
 def _fewshot_eval(
-    b: Bench, weights: Path, tag: str, verify: bool = True, proposals: str = "head", top1: bool = True,
+    b: Bench, weights: Path, tag: str, verify: bool = True, proposals: str | None = None, top1: bool = True,
     instance: bool = True,
 ) -> list[dict]:  # fmt: skip
     """Both protocols (``instance=False``: the category one only) for a trained few-shot model, every draw scored by
@@ -338,7 +341,12 @@ PROTO_TRAIN = dict(optimizer="SGD", lr0=0.01, momentum=0.937, warmup_epochs=1)
 
 
 def run_proto(
-    b: Bench, tag: str = "proto", verify: bool = True, proposals: str = "head", top1: bool = True, instance: bool = True
+    b: Bench,
+    tag: str = "proto",
+    verify: bool = True,
+    proposals: str | None = None,
+    top1: bool = True,
+    instance: bool = True,
 ) -> None:
     """The prototype model (trained once, under ``proto``), evaluated with the given verification settings."""
     weights, t = _train_fewshot(
@@ -447,8 +455,8 @@ def run_upper(b: Bench) -> None:
 # -- report --------------------------------------------------------------------------------------------------------
 LABELS = {
     "cosine": "zero training: encoder cosine, sliding windows",
-    "proto": "ours: Lite0-proto, novel classes train-free, crop verification of the head's boxes",
-    "proto-cn": "ours: Lite0-proto, crop verification of COCO CenterNet boxes (proposals=centernet)",
+    "proto": "ours: Lite0-proto, novel classes train-free, crop verification of COCO CenterNet's boxes (default)",
+    "proto-head": "ours: Lite0-proto, crop verification of the head's own boxes (proposals=head)",
     "proto-1pass": "ours: Lite0-proto, novel classes train-free, one pass (no verification)",
     "proto-cat": "ours: Lite0-proto, category search (top1=False: classes do not compete for a box)",
     "psalm": "ours: PSALM, novel classes train-free",
@@ -549,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     run = {
         "cosine": run_cosine,
         "proto": run_proto,
-        "proto-cn": lambda b: run_proto(b, "proto-cn", proposals="centernet"),
+        "proto-head": lambda b: run_proto(b, "proto-head", proposals="head"),
         "proto-1pass": lambda b: run_proto(b, "proto-1pass", verify=False),
         "proto-cat": lambda b: run_proto(b, "proto-cat", top1=False, instance=False),
         "psalm": lambda b: run_ours(b, "psalm"),
