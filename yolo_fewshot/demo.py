@@ -40,6 +40,9 @@ DEFAULTS: dict[str, Any] = {
     "name": "demo",
     "conf": 0.25,  # score threshold of the predictions and of what counts as found / false positive
     "verify": True,
+    # the demo is category search (any apple, from photos of other apples): classes do not compete for a box
+    "top1": False,
+    "proposals": None,  # verification's candidates (default: the model's, CenterNet's boxes)
 }
 TRAIN_YAML = "yolov8n-lite0-proto.yaml"
 SHEET = 6  # scenes in the contact sheet
@@ -58,6 +61,8 @@ def run_demo(**overrides: Any) -> Path:
         raise ValueError(f"demo does not take {unknown}; it takes {', '.join(DEFAULTS)}")
     cfg = {**DEFAULTS, **overrides}
     cfg["shots"] = ",".join(str(k) for k in parse_shots(cfg["shots"]))
+    # verification settings, only with verification on (the model refuses them otherwise)
+    ver = {k: cfg[k] for k in ("top1", "proposals") if cfg["verify"] and cfg[k] is not None}
     out = (Path(cfg["project"]) / cfg["name"]).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -99,7 +104,7 @@ def run_demo(**overrides: Any) -> Path:
     say(f"scoring with K = {cfg['shots']} reference photos per class (pycocotools, base and novel classes)")
     metrics = model.val(
         data=str(yaml), shots=cfg["shots"], seeds=1, imgsz=cfg["imgsz"], batch=cfg["batch"], save_json=True,
-        plots=False, project=str(out), name="val", exist_ok=True, workers=0, verify=cfg["verify"], verbose=False,
+        plots=False, project=str(out), name="val", exist_ok=True, workers=0, verify=cfg["verify"], verbose=False, **ver,
     )  # fmt: skip
     rows = [{k: round(x, 4) if isinstance(x, float) else x for k, x in r.items()} for r in metrics.fewshot]
     timing["val_s"] = time.perf_counter() - t2
@@ -111,7 +116,7 @@ def run_demo(**overrides: Any) -> Path:
     shutil.rmtree(pred_dir, ignore_errors=True)
     results = model.predict(
         [str(s) for s in scenes], refs=str(refs), imgsz=cfg["imgsz"], conf=cfg["conf"], save=True, verify=cfg["verify"],
-        project=str(out), name="predictions", exist_ok=True, verbose=False, stream=True,
+        project=str(out), name="predictions", exist_ok=True, verbose=False, stream=True, **ver,
     )  # fmt: skip
     found = []
     for r in results:
