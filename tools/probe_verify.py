@@ -150,7 +150,7 @@ def variants(r: dict, bench) -> None:
         for f, im, (gain, pw, ph) in zip(files, imgs, pads):
             keep = torch.zeros(len(im["src"]), dtype=torch.bool)
             for s in src:
-                idx = (im["src"] == s).nonzero()[:, 0][:topk]
+                idx = (im["src"] == s).nonzero()[:, 0][: topk[s] if isinstance(topk, dict) else topk]
                 keep[idx] = True
             if not keep.any():
                 continue

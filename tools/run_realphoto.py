@@ -149,15 +149,20 @@ class ModelMethod:
     and confidences (the scene goes in as BGR, Ultralytics' order for arrays; the reference as RGB(A))."""
 
     def __init__(
-        self, path: str, imgsz: int | None = None, proposals: str | None = None, centernet_topk: int | None = None
+        self,
+        path: str,
+        imgsz: int | None = None,
+        proposals: str | None = None,
+        centernet_topk: int | None = None,
+        topk: int | None = None,
     ) -> None:
         from yolo_fewshot import FewShotYOLO
 
         self.model, self.imgsz = FewShotYOLO(path), imgsz
-        if proposals is not None or centernet_topk is not None:
+        if proposals is not None or centernet_topk is not None or topk is not None:
             from yolo_fewshot.nn.verify import CropVerifier
 
-            extra = {"centernet_topk": centernet_topk} if centernet_topk is not None else {}
+            extra = {k: v for k, v in (("centernet_topk", centernet_topk), ("topk", topk)) if v is not None}
             self.model.model.set_verify(CropVerifier(**extra), proposals)
 
     def __call__(self, ref, ref_box, ref_mask, scene) -> Detections:
@@ -207,7 +212,7 @@ def build_method(name: str, args) -> Callable[..., Detections]:
     if name == "model":
         if not args.model:
             raise SystemExit("--methods model needs --model PATH (a FewShotYOLO checkpoint)")
-        return ModelMethod(args.model, args.imgsz, args.proposals, args.centernet_topk)
+        return ModelMethod(args.model, args.imgsz, args.proposals, args.centernet_topk, args.topk)
     from yolo_fewshot.encoders import build_encoder
 
     encoder = build_encoder(args.encoder)
@@ -304,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         help="candidates of --methods model's crop verification (default: the model's setting)",
     )
     ap.add_argument("--centernet-topk", type=int, default=None, help="CenterNet candidates per image (model)")
+    ap.add_argument("--topk", type=int, default=None, help="head candidates per image (model)")
     ap.add_argument("--pairs", nargs="*", help="evaluate only these pair ids")
     ap.add_argument("--manifest", help="another manifest (default: the committed one)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "realphoto"))
