@@ -149,6 +149,9 @@ def test_verifier_similarity_is_the_mean_of_the_levels_cosines():
     assert torch.allclose(three, (cos(1) + cos(2) + cos(3)) / 3, atol=1e-6)
     # more levels than the prototypes have: all of them
     assert torch.allclose(CropVerifier(levels=9).similarity(feats, masks, protos, 1, idx), three, atol=1e-6)
+    # by default: P3-P5 for instance search (top1), P5 alone for category search
+    assert torch.allclose(CropVerifier().similarity(feats, masks, protos, 1, idx), three, atol=1e-6)
+    assert torch.allclose(CropVerifier(top1=False).similarity(feats, masks, protos, 1, idx), one, atol=1e-6)
 
 
 def test_verifier_crops_keep_the_box_layout_of_reference_crops():

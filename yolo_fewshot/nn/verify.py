@@ -103,9 +103,12 @@ class CropVerifier:
             false positives per scene) maps to 0.25; with ``gamma=1`` good matches scored ~0.02-0.08,
             ``conf=0.25`` showed nothing, and weak true matches fell under validation's ``conf=0.001``.
         levels: How many of the prototypes' levels (the last ones: P5, then P4, P3) the crop is compared on; the
-            cosine is the mean of the levels' cosines. Lower levels keep colour and texture, which tell an instance
-            from its look-alikes; P5 alone is mostly semantic (fold 1 instance 1-shot AP50, ``tools/probe_verify.py``:
-            P5 0.27, P3-P5 0.41).
+            cosine is the mean of the levels' cosines. None (default): 3 with :attr:`top1` (instance search), 1
+            without (category search). Lower levels keep colour and texture, which tell an instance from its
+            look-alikes (instance 1-shot AP50, ``tools/probe_verify.py``, head candidates: fold 1 P5 0.27 -> P3-P5
+            0.41, fold 0 0.70 -> 0.75, fold 2 0.47 -> 0.51); a category's members differ in exactly those, and P5
+            alone is better for them on average (K=5 AP50 with CenterNet candidates, folds 0 / 2: P5 0.261 / 0.279,
+            P3-P5 0.303 / 0.191).
         proposals: Candidate sources: ``head``, ``centernet``, ``keypoints``, joined by ``+`` (module doc). Default
             ``centernet``: on the benchmark's instance protocol CenterNet's boxes verified beat the head's (fold 0
             AP50 0.764 vs 0.753, fold 1 0.448 vs 0.410; ``tools/probe_verify.py``), and on real photographs they are
@@ -126,7 +129,7 @@ class CropVerifier:
     top1: bool = True
     margin: float = 0.02
     gamma: float = 0.55
-    levels: int = 3
+    levels: int | None = None
     proposals: str = "centernet"
     centernet_topk: int = 10
     centernet_size: int = 512
@@ -259,7 +262,8 @@ class CropVerifier:
             b: Batch size of the scene images.
             idx: Image of each crop ``[C]``.
         """
-        n = max(1, min(self.levels, len(protos)))
+        n = self.levels if self.levels is not None else (3 if self.top1 else 1)
+        n = max(1, min(n, len(protos)))
         cos = 0
         for f, p in zip(feats[-n:], protos[-n:]):
             q = F.normalize(p.mean(2), dim=-1, eps=1e-6).expand(b, -1, -1)[idx]  # [C, N, D_l]
