@@ -109,3 +109,28 @@ def test_bank_keeps_keypoints_and_refuses_broken_ones(tmp_path):
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
     with pytest.raises(ValueError, match=r"class 'astronaut' keypoints c0\.kp0 have shapes .* expected \[P, 2\]"):
         ReferenceBank.load(tmp_path / "bad.safetensors")
+
+
+def test_validation_uses_no_stale_keypoints_and_keeps_the_users(tmp_path, monkeypatch):
+    from yolo_fewshot.data.toy import make_dataset
+    from yolo_fewshot.engine.val import FewShotValidator
+
+    seen = []
+    pre = FewShotValidator.preprocess
+
+    def spy(self, batch):
+        batch = pre(self, batch)
+        seen.append((dict(self.fs_model.names), list(self.fs_model.keypoints)))
+        return batch
+
+    monkeypatch.setattr(FewShotValidator, "preprocess", spy)
+    ref, _, _ = _scene()
+    m = FewShotYOLO(YAML)
+    m.set_references({"astronaut": [ref]})
+    kps = m.model.keypoints
+    yaml = make_dataset(tmp_path / "data", n_train=4, n_val=4)
+    m.val(data=str(yaml), shots="1", seeds=1, imgsz=64, batch=4, workers=0, plots=False, project=str(tmp_path),
+          name="v", verbose=False, proposals="centernet+keypoints")  # fmt: skip
+    # the draw's classes (the toy set's) have no keypoints: the user's astronaut keypoints never stand in for them
+    assert seen and all(len(names) == 4 and k == [] for names, k in seen)
+    assert m.model.names == {0: "astronaut"} and m.model.keypoints == kps  # the user's references are intact

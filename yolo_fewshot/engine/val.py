@@ -62,7 +62,12 @@ class FewShotValidator(DetectionValidator):
                 "`yolo val`, or train one with `yolo-fewshot train model=yolov8n-psalm-p2.yaml`"
             )
         if self.fs_model is not fs:  # remember the model's own references, restored when validation ends
-            self._saved_state = (fs.prototypes, dict(fs.names), list(fs.__dict__.get("_negative_of") or []))
+            self._saved_state = (
+                fs.prototypes,
+                dict(fs.names),
+                list(fs.__dict__.get("_negative_of") or []),
+                list(fs.__dict__.get("keypoints") or []),
+            )
             fs._negative_of = []  # validation binds its own per-image prototypes of every class, without negatives
         self.fs_model = fs
         if self.device.type == "cpu":  # Ultralytics' device selection leaves one core idle (1 thread on 2 cores)
@@ -145,6 +150,9 @@ class FewShotValidator(DetectionValidator):
             used = {c: any(self.table.image[j] == im for j in self.order[c][: self.k]) for c in classes}
             per_image.append([self._proto(c, im) if used[c] else self.default[c] for c in classes])
         p = next(self.fs_model.parameters())
+        # the draw's classes have no reference keypoints (cached embeddings only): none of a user's earlier references
+        # may stand in for them in keypoint proposals
+        self.fs_model.keypoints = []
         self.fs_model._protos = [
             torch.stack([torch.stack([img[c][lv] for c in range(len(classes))]) for img in per_image]).to(
                 p.device, p.dtype
@@ -224,7 +232,8 @@ class FewShotValidator(DetectionValidator):
     def restore_model(self) -> None:
         """Give the model back its own references and names (validation binds per-image ones of every class)."""
         if self.fs_model is not None and getattr(self, "_saved_state", None) is not None:
-            self.fs_model._protos, self.fs_model.names, self.fs_model._negative_of = self._saved_state
+            self.fs_model._protos, self.fs_model.names, self.fs_model._negative_of, kps = self._saved_state
+            self.fs_model.keypoints = kps
             self.fs_model = None
 
     def print_fewshot_summary(self) -> None:
