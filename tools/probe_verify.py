@@ -59,11 +59,13 @@ def record(a: argparse.Namespace) -> dict:
 
     @torch.no_grad()
     def verify(self, trunk, img, y, obj, protos, keypoints=None):
+        # what is recorded uses the probe's crop size and CenterNet count (validation builds its own verifier)
+        rv = dataclasses.replace(self, size=a.size, centernet_topk=a.centernet_topk)
         b, a_ = y.shape[0], y.shape[-1]
         boxes = V.xywh_to_xyxy(y[:, :4].transpose(1, 2))
         o = obj[:, 0].sigmoid()
         best = y[:, 4:].amax(1)
-        cb, co = self.centernet_boxes(img)
+        cb, co = rv.centernet_boxes(img)
         per = []
         for i in range(b):
             sets = []
@@ -80,7 +82,7 @@ def record(a: argparse.Namespace) -> dict:
             allo = torch.cat([ho, co[i, m]])
             src = torch.cat([src, torch.full((int(m.sum()),), 2)])
             hs = torch.cat([hs, hs.new_zeros((int(m.sum()), hs.shape[1]))])
-            crops, masks = self.crops(img, torch.full((len(allb),), i), allb.to(img.dtype))
+            crops, masks = rv.crops(img, torch.full((len(allb),), i), allb.to(img.dtype))
             feats = trunk(crops)
             emb = masked_mean(feats[-1], masks)
             per.append(dict(boxes=allb.cpu(), obj=allo.cpu(), head=hs.cpu(), src=src, emb=emb.half().cpu(),
@@ -98,8 +100,6 @@ def record(a: argparse.Namespace) -> dict:
     try:
         yaml = Path(a.data) / (f"fold{a.fold}-instance.yaml" if a.instance else f"fold{a.fold}.yaml")
         model = FewShotYOLO(a.model)
-        # the model's own verifier instance (class attributes would not reach it: dataclass fields are per instance)
-        model.model.verifier = dataclasses.replace(model.model.verifier, size=a.size, centernet_topk=a.centernet_topk)
         model.val(
             data=str(yaml), shots=str(a.shots), seeds=1, imgsz=320, batch=16,
             save_json=False, plots=False, project="runs/probe", name="val", exist_ok=True, workers=0, verify=True,
