@@ -73,24 +73,27 @@ def test_proposals_setting_joins_sources():
 def test_keypoint_proposal_is_the_top_detection_through_the_predictor():
     ref, scene, box = _scene()
     m = FewShotYOLO(YAML)
-    m.set_references({"astronaut": [ref]})
-    assert len(m.model.keypoints) == 1 and len(m.model.keypoints[0][0]) > 50
+    m.set_references({"astronaut": [ref]})  # default proposals (centernet): no keypoints are found, they cost time
+    assert m.model.keypoints == [[]]
     bgr = np.ascontiguousarray(scene[..., ::-1])
-    r = m.predict(bgr, proposals="keypoints", conf=0.001, imgsz=320, verbose=False)[0]
+    with pytest.raises(ValueError, match=r"^proposals=keypoints needs the references' keypoints.*pass refs= with it"):
+        m.predict(bgr, proposals="keypoints", imgsz=320, verbose=False)
+    r = m.predict(bgr, refs={"astronaut": [ref]}, proposals="keypoints", conf=0.001, imgsz=320, verbose=False)[0]
+    assert len(m.model.keypoints) == 1 and len(m.model.keypoints[0][0]) > 50  # found: the proposals asked for them
     assert len(r.boxes) >= 1
     top = r.boxes.xyxy[r.boxes.conf.argmax()][None]
     assert box_iou(top, torch.tensor([box], dtype=torch.float)).item() >= 0.8
-    # prototypes set by hand have no keypoints: the source proposes nothing (no error)
+    # prototypes set by hand have no keypoints: refused with the same line, not an empty answer
     m.set_prototypes([p[0] for p in m.model.prototypes], ["astronaut"])
     assert m.model.keypoints == []
-    r = m.predict(bgr, proposals="keypoints", conf=0.001, imgsz=320, verbose=False)[0]
-    assert len(r.boxes) == 0
+    with pytest.raises(ValueError, match="needs the references' keypoints"):
+        m.predict(bgr, proposals="keypoints", imgsz=320, verbose=False)
 
 
 def test_bank_keeps_keypoints_and_refuses_broken_ones(tmp_path):
     ref, _, _ = _scene()
     m = FewShotYOLO(YAML)
-    bank = m.set_references({"astronaut": [(ref, [100, 50, 300, 250])]})
+    bank = m.set_references({"astronaut": [(ref, [100, 50, 300, 250])]}, keypoints=True)
     t = bank.classes["astronaut"].keypoints[0]
     path = bank.save(tmp_path / "bank.safetensors")
     back = ReferenceBank.load(path).classes["astronaut"].keypoints
@@ -126,7 +129,7 @@ def test_validation_uses_no_stale_keypoints_and_keeps_the_users(tmp_path, monkey
     monkeypatch.setattr(FewShotValidator, "preprocess", spy)
     ref, _, _ = _scene()
     m = FewShotYOLO(YAML)
-    m.set_references({"astronaut": [ref]})
+    m.set_references({"astronaut": [ref]}, keypoints=True)
     kps = m.model.keypoints
     yaml = make_dataset(tmp_path / "data", n_train=4, n_val=4)
     m.val(data=str(yaml), shots="1", seeds=1, imgsz=64, batch=4, workers=0, plots=False, project=str(tmp_path),

@@ -167,7 +167,9 @@ def variants(r: dict, bench) -> None:
             if c is not None:
                 emb, p = emb - c, p - c
             e = F.normalize(emb, dim=-1)
-            if agg == "mean":
+            if levels is not None:
+                pass  # the per-level cosine below
+            elif agg == "mean":
                 q = F.normalize(p.mean(1), dim=-1)
                 cos = e @ q.T  # [C, N]
             else:
@@ -238,8 +240,9 @@ def variants(r: dict, bench) -> None:
     gt, objects = (bench.igt, bench.iobjects) if inst else (bench.gt, bench.objects)
     if inst:
         base, novel = [], list(range(bench.n_inst))
-    rows = ROWS
-    for name, kw in rows:
+    for name, kw in ROWS:
+        if ("levels" in kw and "refs_levels" not in imgs[0]) or ("flip" in kw and "emb_levels_flip" not in imgs[0]):
+            continue  # a record made before every level (or the mirror crops) was recorded
         s = score(dets_for(**kw), gt, objects, base, novel)
         print(f"{name:40s} novel {s['novel_AP50']:.3f} / {s['novel_AP50-95']:.3f}  base {s['base_AP50']:.3f}  "
               f"FP/img {s['fp_per_img']:.2f}", flush=True)  # fmt: skip
@@ -247,17 +250,27 @@ def variants(r: dict, bench) -> None:
 
 NT = dict(src=(0,), top1=False)
 SOFT = dict(src=(0,), top1=False, margin=0.02)
+P345, P45 = {-3: 1.0, -2: 1.0, -1: 1.0}, {-2: 1.0, -1: 1.0}
 ROWS = [
-    ("soft (default) P5", SOFT),
-    ("soft P4", {**SOFT, "levels": {-2: 1.0}}),
-    ("soft P3", {**SOFT, "levels": {-3: 1.0}}),
-    ("soft P4+P5", {**SOFT, "levels": {-2: 1.0, -1: 1.0}}),
-    ("soft P3+P4+P5", {**SOFT, "levels": {-3: 1.0, -2: 1.0, -1: 1.0}}),
-    ("soft P2..P5", {**SOFT, "levels": {-4: 1.0, -3: 1.0, -2: 1.0, -1: 1.0}}),
-    ("soft P4+P5 margin 0.05", {**SOFT, "levels": {-2: 1.0, -1: 1.0}, "margin": 0.05}),
-    ("soft P3+P4+P5 margin 0.05", {**SOFT, "levels": {-3: 1.0, -2: 1.0, -1: 1.0}, "margin": 0.05}),
-    ("nt P4+P5", {**NT, "levels": {-2: 1.0, -1: 1.0}}),
-    ("nt P3+P4+P5", {**NT, "levels": {-3: 1.0, -2: 1.0, -1: 1.0}}),
+    # the README's tables (instance: soft top-1; category: top1=False); src 0 = head, 1 = head by objectness, 2 =
+    # CenterNet; levels = the trunk levels compared (-1 = P5); topk per source
+    ("soft, head, P5 (previous default)", {**SOFT, "levels": {-1: 1.0}}),
+    ("soft, head, P3-P5", {**SOFT, "levels": P345}),
+    ("soft, CenterNet 10, P3-P5 (default)", {**SOFT, "levels": P345, "src": (2,)}),
+    ("soft, CenterNet 20, P3-P5", {**SOFT, "levels": P345, "src": (2,), "topk": 20}),
+    ("soft, CenterNet 30, P3-P5", {**SOFT, "levels": P345, "src": (2,), "topk": 30}),
+    ("soft, head + CenterNet, P3-P5", {**SOFT, "levels": P345, "src": (0, 2)}),
+    ("soft, head 3 + CenterNet 10, P3-P5", {**SOFT, "levels": P345, "src": (0, 2), "topk": {0: 3, 2: 10}}),
+    ("soft, head, P2-P5", {**SOFT, "levels": {-4: 1.0, **P345}}),
+    ("soft, CenterNet, P2-P5", {**SOFT, "levels": {-4: 1.0, **P345}, "src": (2,)}),
+    ("soft, head, P3-P5, crop or mirror (max)", {**SOFT, "levels": P345, "flip": "max"}),
+    ("nt, head, P5 (previous category)", {**NT, "levels": {-1: 1.0}}),
+    ("nt, head, P3-P5", {**NT, "levels": P345}),
+    ("nt, head, P4-P5", {**NT, "levels": P45}),
+    ("nt, CenterNet, P5 (category default)", {**NT, "levels": {-1: 1.0}, "src": (2,)}),
+    ("nt, CenterNet, P3-P5", {**NT, "levels": P345, "src": (2,)}),
+    ("nt, head 3 + CenterNet 10, P5", {**NT, "levels": {-1: 1.0}, "src": (0, 2), "topk": {0: 3, 2: 10}}),
+    # the earlier rule table (P5)
     ("as shipped: head top10, mean, top1", dict(src=(0,))),
     ("head top10, no top1", NT),
     ("no top1, obj_power 0", {**NT, "obj_power": 0.0}),

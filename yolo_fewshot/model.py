@@ -187,6 +187,16 @@ class FewShotYOLO(Model):
                 "this model has no references to look for; pass refs= (photos, a <class>/ folder or a "
                 ".safetensors bank) or call set_references() first"
             )
+        elif self._wants_keypoints() and not any(self.model.__dict__.get("keypoints") or []):
+            raise ValueError(
+                f"proposals={self.model.verifier.proposals} needs the references' keypoints, which were not found "
+                "when they were set: pass refs= with it, or set_references(..., keypoints=True) first"
+            )
+
+    def _wants_keypoints(self) -> bool:
+        """Whether the model's verification takes candidates from the references' keypoints."""
+        verifier = getattr(self.model, "verifier", None) if isinstance(self.model, FewShotDetectionModel) else None
+        return verifier is not None and "keypoints" in verifier.sources
 
     # -- references ----------------------------------------------------------------------------------------------------
     @property
@@ -217,7 +227,9 @@ class FewShotYOLO(Model):
         self.model.yaml["encoder_spec"] = enc.spec.to_dict()  # the checkpoint stores the spec, never the encoder
         return enc
 
-    def set_references(self, refs: Any, negatives: dict | None = None, method: str = "mean") -> ReferenceBank:
+    def set_references(
+        self, refs: Any, negatives: dict | None = None, method: str = "mean", keypoints: bool | None = None
+    ) -> ReferenceBank:
         """Encode reference photos (or load a bank) and make them the classes the model detects.
 
         Args:
@@ -225,6 +237,8 @@ class FewShotYOLO(Model):
                 bank, or a :class:`~yolo_fewshot.references.bank.ReferenceBank`.
             negatives: ``{class: [look-alike photos]}`` stored with the class.
             method: Aggregation of the K references of a class: ``mean`` or ``robust``.
+            keypoints: Find the references' SIFT keypoints for ``keypoints`` proposals (kept in a saved bank too);
+                default: when the model's verification proposes from keypoints (``proposals=...+keypoints``).
 
         Returns:
             The bank, also kept as :attr:`references` (``model.references.save("bank.safetensors")``).
@@ -234,7 +248,9 @@ class FewShotYOLO(Model):
                 f"{self.model} is an exported model: its references are baked in (or it has none); predict without "
                 "refs=, or set references on the .pt checkpoint (or use a dynamic_refs export's detector.onnx)"
             )
-        bank = build_bank(self.encoder, refs, negatives, method)
+        if keypoints is None:
+            keypoints = self._wants_keypoints()
+        bank = build_bank(self.encoder, refs, negatives, method, keypoints=bool(keypoints))
         levels = len(self.model.proto_dims)
         negatives, negative_of = bank.negative_prototypes(levels)
         self.model.set_prototypes(bank.prototypes(levels), bank.names, negatives, negative_of)

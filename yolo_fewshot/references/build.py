@@ -182,6 +182,7 @@ def build_bank(
     negatives: Mapping[str, Sequence] | None = None,
     method: str = "mean",
     context: float = 0.1,
+    keypoints: bool = False,
 ) -> ReferenceBank:
     """Build (or load) a reference bank.
 
@@ -191,6 +192,8 @@ def build_bank(
         negatives: ``{class: look-alike references}`` (added to those of a folder's refs.yaml).
         method: Aggregation of K references into a prototype (``mean`` or ``robust``).
         context: Context around boxes, as a fraction of the box's longer side.
+        keypoints: Also find each reference's SIFT keypoints (for ``keypoints`` proposals; they cost about as much as
+            the encoding, so only when asked).
 
     Returns:
         The bank, checked against ``encoder``.
@@ -226,7 +229,8 @@ def build_bank(
     for name, its in items.items():
         emb, src, first = _encode(encoder, its, context, name)
         neg, nsrc, _ = _encode(encoder, neg_all[name], context, name) if neg_all.get(name) else (None, [], None)
-        bank.add(name, emb, src, neg, nsrc, thumbnail(first), [_keypoints(img, box) for img, box in its])
+        kps = [_keypoints(img, box) for img, box in its] if keypoints else []
+        bank.add(name, emb, src, neg, nsrc, thumbnail(first), kps)
     return bank
 
 
