@@ -20,6 +20,7 @@ from .engine.predict import FewShotPredictor
 from .engine.train import FewShotTrainer
 from .engine.val import FewShotValidator
 from .nn.detector import FewShotDetectionModel
+from .nn.layout import class_layouts
 from .pretrained import DEFAULT_MODEL
 from .references.bank import ReferenceBank
 from .references.build import build_bank
@@ -250,11 +251,14 @@ class FewShotYOLO(Model):
             )
         if keypoints is None:
             keypoints = self._wants_keypoints()
-        bank = build_bank(self.encoder, refs, negatives, method, keypoints=bool(keypoints))
+        # layout descriptors (instance verification) come from the detector's own trunk, which verification uses
+        lay_fn = self.model.reference_layouts if self.model.can_verify else None
+        bank = build_bank(self.encoder, refs, negatives, method, keypoints=bool(keypoints), layouts=lay_fn)
         levels = len(self.model.proto_dims)
         negatives, negative_of = bank.negative_prototypes(levels)
         self.model.set_prototypes(bank.prototypes(levels), bank.names, negatives, negative_of)
         self.model.set_keypoints([c.keypoints for c in bank.classes.values()])
+        self.model.set_layouts(class_layouts([c.layouts for c in bank.classes.values()], levels))
         self.model.reference_thumbnails = {
             n: c.thumbnail.numpy() for n, c in bank.classes.items() if c.thumbnail is not None
         }

@@ -67,6 +67,7 @@ class FewShotValidator(DetectionValidator):
                 dict(fs.names),
                 list(fs.__dict__.get("_negative_of") or []),
                 list(fs.__dict__.get("keypoints") or []),
+                fs.__dict__.get("layouts"),
             )
             fs._negative_of = []  # validation binds its own per-image prototypes of every class, without negatives
         self.fs_model = fs
@@ -109,9 +110,28 @@ class FewShotValidator(DetectionValidator):
         if joint is not None:
             return crop_table(ds.labels, list(self.split.names), joint.spec.input_size, 1)
         encoder = build_encoder(self.args.encoder or self.fs_model.yaml["encoder"])
-        return instance_table(
+        table = instance_table(
             ds.labels, list(self.split.names), encoder, cache_dir(self.args, self.data), self.args.views
         )
+        self._layouts = self._table_layouts(ds.labels, encoder.spec.input_size)
+        return table
+
+    def _table_layouts(self, labels: list[dict], size: int) -> list[torch.Tensor] | None:
+        """Layout descriptors of every support instance (the table's order), per level ``[J, 2, D_l]``, when this
+        validation verifies instance search (:mod:`~yolo_fewshot.nn.layout`); None otherwise."""
+        from ..data.support import _instances
+        from ..references.crops import make_crop
+
+        fs = self.fs_model
+        verifier = fs.__dict__.get("verifier")
+        if verifier is None or not (verifier.top1 if verifier.layout is None else verifier.layout):
+            return None
+        items = _instances(labels, list(self.split.names), 2.0)[0]  # instance_table's order
+        out = []
+        for i in range(0, len(items), 32):
+            crops, masks = zip(*(make_crop(im, box, size, 0.1) for im, box in items[i : i + 32]))
+            out.append(fs.reference_layouts(torch.stack(crops), torch.stack(masks)))
+        return [torch.cat([o[lv] for o in out]) for lv in range(len(out[0]))] if out else None
 
     def _prepare_draw(self) -> None:
         """Seeded order of candidate references per class; the default K-shot prototype of each class."""
@@ -134,8 +154,20 @@ class FewShotValidator(DetectionValidator):
             )
         self.default = {c: self._proto(c, None) for c in self.split.names}
 
+    def _drawn(self, c: int, exclude: str | None) -> list[int]:
+        """The table rows of class ``c``'s K references for an image (``exclude``: the image's own instances)."""
+        return [j for j in self.order[c] if self.table.image[j] != exclude][: self.k]
+
+    def _layout(self, c: int, exclude: str | None) -> list[torch.Tensor]:
+        """Class ``c``'s layout descriptors for an image: per level ``[2, D_l]``, the mean over its references."""
+        idx = self._drawn(c, exclude)
+        return [
+            torch.nn.functional.normalize(t[idx], dim=-1).mean(0) if idx else torch.zeros(t.shape[1:])
+            for t in self._layouts
+        ]
+
     def _proto(self, c: int, exclude: str | None) -> list[torch.Tensor]:
-        idx = [j for j in self.order[c] if self.table.image[j] != exclude][: self.k]
+        idx = self._drawn(c, exclude)
         if not idx:
             return [torch.zeros(self.table.embeddings[0][lv].shape[1:]) for lv in range(self.table.levels)]
         return self.table.prototype(idx, None)
@@ -145,10 +177,11 @@ class FewShotValidator(DetectionValidator):
         """Ultralytics' preprocessing, then bind per-image prototypes of every class (query image excluded)."""
         batch = super().preprocess(batch)
         classes = list(self.split.names)
-        per_image = []
+        per_image, used_per_image = [], []
         for im in batch["im_file"]:
             used = {c: any(self.table.image[j] == im for j in self.order[c][: self.k]) for c in classes}
             per_image.append([self._proto(c, im) if used[c] else self.default[c] for c in classes])
+            used_per_image.append(used)
         p = next(self.fs_model.parameters())
         # the draw's classes have no reference keypoints (cached embeddings only): none of a user's earlier references
         # may stand in for them in keypoint proposals
@@ -159,6 +192,16 @@ class FewShotValidator(DetectionValidator):
             )
             for lv in range(self.table.levels - len(self.fs_model.proto_dims), self.table.levels)
         ]
+        # layout descriptors, when this validation computed them for its support (standalone, instance search)
+        lay = getattr(self, "_layouts", None) if self._support is None else None
+        self.fs_model.layouts = None
+        if lay is not None:
+            rows = [[self._layout(c, im if used_im[c] else None) for c in classes] for im, used_im in zip(
+                batch["im_file"], used_per_image)]  # fmt: skip
+            self.fs_model.set_layouts(
+                [torch.stack([torch.stack([r[c][lv] for c in range(len(classes))]) for r in rows]) for lv in
+                 range(len(lay))]
+            )  # fmt: skip
         return batch
 
     # -- COCO evaluation -------------------------------------------------------------------------------------------
@@ -232,8 +275,8 @@ class FewShotValidator(DetectionValidator):
     def restore_model(self) -> None:
         """Give the model back its own references and names (validation binds per-image ones of every class)."""
         if self.fs_model is not None and getattr(self, "_saved_state", None) is not None:
-            self.fs_model._protos, self.fs_model.names, self.fs_model._negative_of, kps = self._saved_state
-            self.fs_model.keypoints = kps
+            self.fs_model._protos, self.fs_model.names, self.fs_model._negative_of, kps, lay = self._saved_state
+            self.fs_model.keypoints, self.fs_model.layouts = kps, lay
             self.fs_model = None
 
     def print_fewshot_summary(self) -> None:

@@ -23,6 +23,7 @@ from ultralytics.nn.tasks import DetectionModel
 from ..configs import load_model_yaml
 from ..encoders import build_encoder, is_trainable
 from .keypoint_match import KeypointTemplate
+from .layout import layout_descriptors
 from .loss import EpisodicDetectionLoss, PrototypeDetectionLoss
 from .prototype_detect import PrototypeDetect
 from .prototypes import PrototypeConsumer, as_prototypes
@@ -107,6 +108,7 @@ class FewShotDetectionModel(DetectionModel):
         self._protos = [t.to(p.device, p.dtype) for t in protos]
         self.names = dict(enumerate(names))
         self.keypoints = []  # new classes: the references' keypoints, if any, are set with them (set_keypoints)
+        self.layouts = None  # and their layout descriptors (set_layouts)
 
     def set_keypoints(self, keypoints: Sequence[Sequence[KeypointTemplate]]) -> None:
         """Per class (in the prototypes' order), the SIFT keypoints of its references, for ``keypoints`` proposals
@@ -115,6 +117,32 @@ class FewShotDetectionModel(DetectionModel):
         if self.prototypes is None or len(keypoints) != n:
             raise ValueError(f"keypoints for {len(keypoints)} classes; the model has prototypes of {n}")
         self.keypoints = [list(k) for k in keypoints]
+
+    def set_layouts(self, layouts: Sequence[Tensor] | None) -> None:
+        """Per level (the trunk's last ones) the classes' layout descriptors ``[B|1, N, 2, G * G * D_l]`` or
+        ``[N, 2, G * G * D_l]`` (:func:`~yolo_fewshot.nn.layout.class_layouts`), compared with candidate crops by
+        instance verification; None clears them. Set after :meth:`set_prototypes`, which clears them."""
+        if layouts is None:
+            self.layouts = None
+            return
+        n = len(self.names)
+        layouts = [t[None] if t.ndim == 3 else t for t in layouts]
+        if self.prototypes is None or any(t.ndim != 4 or t.shape[1] != n or t.shape[2] != 2 for t in layouts):
+            raise ValueError(
+                f"layouts of shapes {[tuple(t.shape) for t in layouts]}; expected [B|1, {n}, 2, D] per level for the "
+                f"model's {n} classes"
+            )
+        p = next(self.parameters())
+        self.layouts = [t.to(p.device, torch.float32) for t in layouts]
+
+    @torch.no_grad()
+    def reference_layouts(self, crops: Tensor, masks: Tensor) -> list[Tensor]:
+        """Layout descriptors of reference crops ``[K, 3, S, S]`` (masks ``[K, 1, S, S]``) by this model's trunk, on
+        the levels its prototypes use: per level ``[K, 2, G * G * D_l]`` (the crop and its mirror image), CPU."""
+        p = next(self.parameters())
+        lay = layout_descriptors(self.model[0], crops.to(p.device, p.dtype), masks.to(p.device, p.dtype),
+                                 levels=len(self.proto_dims))  # fmt: skip
+        return [t.float().cpu() for t in lay]
 
     @property
     def can_verify(self) -> bool:
@@ -177,8 +205,8 @@ class FewShotDetectionModel(DetectionModel):
             and self.prototypes is not None
             and not torch._C._is_torch_function_mode_enabled()
         ):
-            kps = self.__dict__.get("keypoints")
-            out = verifier(self.model[0], x, out[0], out[1]["obj"], self.prototypes, kps), out[1]
+            kps, lay = self.__dict__.get("keypoints"), self.__dict__.get("layouts")
+            out = verifier(self.model[0], x, out[0], out[1]["obj"], self.prototypes, kps, lay), out[1]
         neg = self.__dict__.get("_negative_of") or []
         if not neg or self.training:
             return out

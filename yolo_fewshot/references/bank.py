@@ -51,6 +51,9 @@ class ClassReferences:
     negative_sources: list[dict] = field(default_factory=list)
     thumbnail: Tensor | None = None  # [T, T, 3] uint8 RGB of the first reference, shown on saved predictions
     keypoints: list[KeypointTemplate] = field(default_factory=list)  # SIFT keypoints of each reference (may be none)
+    # layout descriptors of each reference and its mirror image, per level (P3-P5) [K, 2, G*G*D_l] (may be none;
+    # yolo_fewshot.nn.layout): instance search compares candidates with them
+    layouts: list[Tensor] = field(default_factory=list)
 
     @property
     def k(self) -> int:
@@ -111,9 +114,11 @@ class ReferenceBank:
         negative_sources: list[dict] | None = None,
         thumbnail: Tensor | None = None,
         keypoints: Sequence[KeypointTemplate] = (),
+        layouts: Sequence[Tensor] = (),
     ) -> None:
-        """Add a class (its per-level ``[K, M, D_l]`` embeddings, optional negatives and keypoints of its references
-        for ``proposals=...+keypoints``); other classes are untouched.
+        """Add a class (its per-level ``[K, M, D_l]`` embeddings, optional negatives, keypoints of its references
+        for ``proposals=...+keypoints`` and layout descriptors ``[K, 2, G * G * D_l]`` per level); other classes are
+        untouched.
 
         Raises:
             ValueError: Empty or duplicate name, no reference, wrong shape, NaN.
@@ -127,8 +132,18 @@ class ReferenceBank:
         if emb[0].shape[0] == 0:
             raise ValueError(f"class '{name}' has no reference image")
         neg = None if negatives is None else self._check(name, negatives, "negative references")
+        lay = []
+        for lv, t in enumerate(layouts):
+            t = torch.as_tensor(t).float()
+            if t.ndim != 3 or t.shape[0] != emb[0].shape[0] or t.shape[1] != 2:
+                raise ValueError(
+                    f"layouts of class '{name}' level {lv} have shape {tuple(t.shape)}; expected "
+                    f"[{emb[0].shape[0]}, 2, D]"
+                )
+            check_values(t, f"layouts of class '{name}'")
+            lay.append(t.contiguous())
         self.classes[name] = ClassReferences(
-            emb, list(sources or []), neg, list(negative_sources or []), thumbnail, list(keypoints)
+            emb, list(sources or []), neg, list(negative_sources or []), thumbnail, list(keypoints), lay
         )
 
     def remove(self, name: str) -> None:
@@ -195,6 +210,8 @@ class ReferenceBank:
             for j, t in enumerate(c.keypoints):
                 tensors[f"c{i}.kp{j}.points"] = torch.from_numpy(t.points)
                 tensors[f"c{i}.kp{j}.descriptors"] = torch.from_numpy(t.descriptors)
+            for lv, t in enumerate(c.layouts):
+                tensors[f"c{i}.layout.l{lv}"] = t
             classes.append(
                 {
                     "name": name,
@@ -203,6 +220,7 @@ class ReferenceBank:
                     "negatives": c.negatives is not None,
                     "negative_sources": c.negative_sources,
                     "keypoint_sizes": [list(t.size) for t in c.keypoints],
+                    "layout_levels": len(c.layouts),
                 }
             )
         meta = {"format": FORMAT, "encoder": self.spec.to_dict(), "method": self.method, "classes": classes}
@@ -272,7 +290,14 @@ class ReferenceBank:
             kps = [
                 _keypoints(tensors, f"c{i}.kp{j}", name, size) for j, size in enumerate(c.get("keypoint_sizes") or [])
             ]
-            bank.add(name, pos, c.get("sources"), neg, c.get("negative_sources"), tensors.get(f"c{i}.thumb"), kps)
+            n_lay = c.get("layout_levels") or 0
+            if not isinstance(n_lay, int) or not 0 <= n_lay <= n_levels:
+                raise ValueError(f"class '{name}' layout_levels {n_lay!r} must be an integer from 0 to {n_levels}")
+            missing = [f"c{i}.layout.l{lv}" for lv in range(n_lay) if f"c{i}.layout.l{lv}" not in tensors]
+            if missing:
+                raise ValueError(f"class '{name}' lists layouts but the file has no tensor {missing[0]}")
+            lay = [tensors[f"c{i}.layout.l{lv}"] for lv in range(n_lay)]
+            bank.add(name, pos, c.get("sources"), neg, c.get("negative_sources"), tensors.get(f"c{i}.thumb"), kps, lay)
         return bank
 
     def __repr__(self) -> str:

@@ -20,12 +20,13 @@ Each reference is cropped (:mod:`.crops`), all crops go through the encoder in b
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from torch import Tensor
 
 from ..encoders.base import SupportEncoder
 from ..nn.keypoint_match import KeypointTemplate
@@ -153,7 +154,8 @@ def thumbnail(crop: torch.Tensor, size: int = 64) -> torch.Tensor:
 
 def _encode(
     encoder: SupportEncoder, items: list[tuple[Any, Any]], context: float, name: str
-) -> tuple[list, list[dict], Any]:
+) -> tuple[list, list[dict], tuple[Tensor, Tensor]]:
+    """Per-level embeddings of ``items``, their sources, and their crops ``[K, 3, S, S]`` and masks ``[K, 1, S, S]``."""
     crops, masks, sources = [], [], []
     for img, box in items:
         c, m = make_crop(img, box, encoder.spec.input_size, context, MIN_SIDE)
@@ -173,7 +175,7 @@ def _encode(
             f"encoder {encoder.spec.name} produced NaN or Inf for class '{name}' ({files}); its weights are broken: "
             "reload the encoder (or, for an encoder trained with the model, the checkpoint)"
         )
-    return emb, sources, crops[0]
+    return emb, sources, (torch.stack(crops), torch.stack(masks))
 
 
 def build_bank(
@@ -183,6 +185,7 @@ def build_bank(
     method: str = "mean",
     context: float = 0.1,
     keypoints: bool = False,
+    layouts: Callable[[Tensor, Tensor], list[Tensor]] | None = None,
 ) -> ReferenceBank:
     """Build (or load) a reference bank.
 
@@ -194,6 +197,8 @@ def build_bank(
         context: Context around boxes, as a fraction of the box's longer side.
         keypoints: Also find each reference's SIFT keypoints (for ``keypoints`` proposals; they cost about as much as
             the encoding, so only when asked).
+        layouts: Layout descriptors of reference crops ``[K, 3, S, S]`` and masks (per level ``[K, 2, D]``; the
+            detector's :meth:`~yolo_fewshot.nn.detector.FewShotDetectionModel.reference_layouts`), kept per class.
 
     Returns:
         The bank, checked against ``encoder``.
@@ -227,10 +232,11 @@ def build_bank(
         raise ValueError(f"negatives given for {sorted(unknown)}, which are not reference classes {sorted(items)}")
     bank = ReferenceBank(encoder.spec, method)
     for name, its in items.items():
-        emb, src, first = _encode(encoder, its, context, name)
+        emb, src, (crops, masks) = _encode(encoder, its, context, name)
         neg, nsrc, _ = _encode(encoder, neg_all[name], context, name) if neg_all.get(name) else (None, [], None)
         kps = [_keypoints(img, box) for img, box in its] if keypoints else []
-        bank.add(name, emb, src, neg, nsrc, thumbnail(first), kps)
+        lay = layouts(crops, masks) if layouts is not None else []
+        bank.add(name, emb, src, neg, nsrc, thumbnail(crops[0]), kps, lay)
     return bank
 
 
