@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from ultralytics.engine.model import Model
 from ultralytics.utils import DEFAULT_CFG_DICT
@@ -253,12 +254,18 @@ class FewShotYOLO(Model):
             keypoints = self._wants_keypoints()
         # layout descriptors (instance verification) come from the detector's own trunk, which verification uses
         lay_fn = self.model.reference_layouts if self.model.can_verify else None
-        bank = build_bank(self.encoder, refs, negatives, method, keypoints=bool(keypoints), layouts=lay_fn)
+        # and so do the crops' SIFT descriptors (keypoint votes)
+        bank = build_bank(
+            self.encoder, refs, negatives, method, keypoints=bool(keypoints), layouts=lay_fn,
+            descriptors=self.model.can_verify,
+        )  # fmt: skip
         levels = len(self.model.proto_dims)
         negatives, negative_of = bank.negative_prototypes(levels)
         self.model.set_prototypes(bank.prototypes(levels), bank.names, negatives, negative_of)
         self.model.set_keypoints([c.keypoints for c in bank.classes.values()])
         self.model.set_layouts(class_layouts([c.layouts for c in bank.classes.values()], levels))
+        desc = [c.descriptors for c in bank.classes.values()]
+        self.model.set_descriptors([torch.cat(d) for d in desc] if all(desc) else None)
         self.model.reference_thumbnails = {
             n: c.thumbnail.numpy() for n, c in bank.classes.items() if c.thumbnail is not None
         }

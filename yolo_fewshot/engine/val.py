@@ -68,6 +68,7 @@ class FewShotValidator(DetectionValidator):
                 list(fs.__dict__.get("_negative_of") or []),
                 list(fs.__dict__.get("keypoints") or []),
                 fs.__dict__.get("layouts"),
+                fs.__dict__.get("descriptors"),
             )
             fs._negative_of = []  # validation binds its own per-image prototypes of every class, without negatives
         self.fs_model = fs
@@ -113,25 +114,34 @@ class FewShotValidator(DetectionValidator):
         table = instance_table(
             ds.labels, list(self.split.names), encoder, cache_dir(self.args, self.data), self.args.views
         )
-        self._layouts = self._table_layouts(ds.labels, encoder.spec.input_size)
+        self._layouts, self._descriptors = self._support_descriptors(ds.labels, encoder.spec.input_size)
         return table
 
-    def _table_layouts(self, labels: list[dict], size: int) -> list[torch.Tensor] | None:
-        """Layout descriptors of every support instance (the table's order), per level ``[J, 2, D_l]``, when this
-        validation verifies instance search (:mod:`~yolo_fewshot.nn.layout`); None otherwise."""
+    def _support_descriptors(self, labels: list[dict], size: int) -> tuple[list[torch.Tensor] | None, list | None]:
+        """Layout descriptors of every support instance (the table's order), per level ``[J, 2, D_l]``, and each
+        instance's crop descriptors ``[P_j, 128]``, when this validation verifies instance search
+        (:mod:`~yolo_fewshot.nn.layout`, :mod:`~yolo_fewshot.nn.keypoint_votes`); None for what it does not use."""
         from ..data.support import _instances
+        from ..nn.keypoint_votes import reference_descriptors
         from ..references.crops import make_crop
 
         fs = self.fs_model
         verifier = fs.__dict__.get("verifier")
-        if verifier is None or not (verifier.top1 if verifier.layout is None else verifier.layout):
-            return None
+        if verifier is None:
+            return None, None
+        lay_on = bool(verifier.top1 if verifier.layout is None else verifier.layout)
+        votes_on = bool(verifier.top1 if verifier.votes is None else verifier.votes)
         items = _instances(labels, list(self.split.names), 2.0)[0]  # instance_table's order
-        out = []
-        for i in range(0, len(items), 32):
+        lay, desc = [], []
+        for i in range(0, len(items), 32) if lay_on or votes_on else ():
             crops, masks = zip(*(make_crop(im, box, size, 0.1) for im, box in items[i : i + 32]))
-            out.append(fs.reference_layouts(torch.stack(crops), torch.stack(masks)))
-        return [torch.cat([o[lv] for o in out]) for lv in range(len(out[0]))] if out else None
+            crops, masks = torch.stack(crops), torch.stack(masks)
+            if lay_on:
+                lay.append(fs.reference_layouts(crops, masks))
+            if votes_on:
+                desc += reference_descriptors(crops, masks)
+        lay = [torch.cat([o[lv] for o in lay]) for lv in range(len(lay[0]))] if lay else None
+        return lay, (desc if votes_on and items else None)
 
     def _prepare_draw(self) -> None:
         """Seeded order of candidate references per class; the default K-shot prototype of each class."""
@@ -202,6 +212,14 @@ class FewShotValidator(DetectionValidator):
                 [torch.stack([torch.stack([r[c][lv] for c in range(len(classes))]) for r in rows]) for lv in
                  range(len(lay))]
             )  # fmt: skip
+        # and the crops' SIFT descriptors (keypoint votes) of each class's drawn references
+        desc = getattr(self, "_descriptors", None) if self._support is None else None
+        self.fs_model.descriptors = None
+        if desc is not None:
+            self.fs_model.set_descriptors([
+                [torch.cat([desc[j] for j in self._drawn(c, im if used_im[c] else None)] or [torch.zeros(0, 128)])
+                 for c in classes] for im, used_im in zip(batch["im_file"], used_per_image)
+            ])  # fmt: skip
         return batch
 
     # -- COCO evaluation -------------------------------------------------------------------------------------------
@@ -275,8 +293,8 @@ class FewShotValidator(DetectionValidator):
     def restore_model(self) -> None:
         """Give the model back its own references and names (validation binds per-image ones of every class)."""
         if self.fs_model is not None and getattr(self, "_saved_state", None) is not None:
-            self.fs_model._protos, self.fs_model.names, self.fs_model._negative_of, kps, lay = self._saved_state
-            self.fs_model.keypoints, self.fs_model.layouts = kps, lay
+            self.fs_model._protos, self.fs_model.names, self.fs_model._negative_of, kps, lay, desc = self._saved_state
+            self.fs_model.keypoints, self.fs_model.layouts, self.fs_model.descriptors = kps, lay, desc
             self.fs_model = None
 
     def print_fewshot_summary(self) -> None:

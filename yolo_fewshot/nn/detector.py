@@ -109,6 +109,7 @@ class FewShotDetectionModel(DetectionModel):
         self.names = dict(enumerate(names))
         self.keypoints = []  # new classes: the references' keypoints, if any, are set with them (set_keypoints)
         self.layouts = None  # and their layout descriptors (set_layouts)
+        self.descriptors = None  # and their crops' SIFT descriptors (set_descriptors)
 
     def set_keypoints(self, keypoints: Sequence[Sequence[KeypointTemplate]]) -> None:
         """Per class (in the prototypes' order), the SIFT keypoints of its references, for ``keypoints`` proposals
@@ -134,6 +135,23 @@ class FewShotDetectionModel(DetectionModel):
             )
         p = next(self.parameters())
         self.layouts = [t.to(p.device, torch.float32) for t in layouts]
+
+    def set_descriptors(self, descriptors: Sequence[Tensor] | Sequence[Sequence[Tensor]] | None) -> None:
+        """Per class the SIFT descriptors ``[P_n, 128]`` of its references' crops (and mirror images), for instance
+        verification's keypoint votes (:mod:`~yolo_fewshot.nn.keypoint_votes`), or per image a list of those (one row
+        per image of the batch, or one for all); None clears them. Set after :meth:`set_prototypes`, which clears
+        them."""
+        if descriptors is None:
+            self.descriptors = None
+            return
+        rows = [descriptors] if not descriptors or torch.is_tensor(descriptors[0]) else list(descriptors)
+        n = len(self.names)
+        if self.prototypes is None or any(len(r) != n for r in rows):
+            raise ValueError(f"descriptors for {[len(r) for r in rows][:3]} classes; the model has prototypes of {n}")
+        bad = [tuple(t.shape) for r in rows for t in r if t.ndim != 2 or t.shape[1] != 128]
+        if bad:
+            raise ValueError(f"descriptors of shape {bad[0]}; expected [P, 128] (SIFT) per class")
+        self.descriptors = [[t.float().cpu() for t in r] for r in rows]
 
     @torch.no_grad()
     def reference_layouts(self, crops: Tensor, masks: Tensor) -> list[Tensor]:
@@ -205,8 +223,8 @@ class FewShotDetectionModel(DetectionModel):
             and self.prototypes is not None
             and not torch._C._is_torch_function_mode_enabled()
         ):
-            kps, lay = self.__dict__.get("keypoints"), self.__dict__.get("layouts")
-            out = verifier(self.model[0], x, out[0], out[1]["obj"], self.prototypes, kps, lay), out[1]
+            kps, lay, desc = (self.__dict__.get(k) for k in ("keypoints", "layouts", "descriptors"))
+            out = verifier(self.model[0], x, out[0], out[1]["obj"], self.prototypes, kps, lay, desc), out[1]
         neg = self.__dict__.get("_negative_of") or []
         if not neg or self.training:
             return out

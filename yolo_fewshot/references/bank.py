@@ -54,6 +54,9 @@ class ClassReferences:
     # layout descriptors of each reference and its mirror image, per level (P3-P5) [K, 2, G*G*D_l] (may be none;
     # yolo_fewshot.nn.layout): instance search compares candidates with them
     layouts: list[Tensor] = field(default_factory=list)
+    # SIFT descriptors of each reference's crop and its mirror image [P_k, 128] (may be none;
+    # yolo_fewshot.nn.keypoint_votes): instance search counts the candidates' keypoints that vote for the class
+    descriptors: list[Tensor] = field(default_factory=list)
 
     @property
     def k(self) -> int:
@@ -115,10 +118,11 @@ class ReferenceBank:
         thumbnail: Tensor | None = None,
         keypoints: Sequence[KeypointTemplate] = (),
         layouts: Sequence[Tensor] = (),
+        descriptors: Sequence[Tensor] = (),
     ) -> None:
         """Add a class (its per-level ``[K, M, D_l]`` embeddings, optional negatives, keypoints of its references
-        for ``proposals=...+keypoints`` and layout descriptors ``[K, 2, G * G * D_l]`` per level); other classes are
-        untouched.
+        for ``proposals=...+keypoints``, layout descriptors ``[K, 2, G * G * D_l]`` per level and each reference's
+        crop descriptors ``[P_k, 128]`` for keypoint votes); other classes are untouched.
 
         Raises:
             ValueError: Empty or duplicate name, no reference, wrong shape, NaN.
@@ -142,8 +146,18 @@ class ReferenceBank:
                 )
             check_values(t, f"layouts of class '{name}'")
             lay.append(t.contiguous())
+        if descriptors and len(descriptors) != emb[0].shape[0]:
+            raise ValueError(f"class '{name}' has {len(descriptors)} descriptor sets for {emb[0].shape[0]} references")
+        desc = []
+        for j, t in enumerate(descriptors):
+            t = torch.as_tensor(t).float()
+            if t.ndim != 2 or t.shape[1] != 128:
+                raise ValueError(f"descriptors of class '{name}' reference {j} have shape {tuple(t.shape)}; "
+                                 "expected [P, 128]")  # fmt: skip
+            check_values(t, f"descriptors of class '{name}'")
+            desc.append(t.contiguous())
         self.classes[name] = ClassReferences(
-            emb, list(sources or []), neg, list(negative_sources or []), thumbnail, list(keypoints), lay
+            emb, list(sources or []), neg, list(negative_sources or []), thumbnail, list(keypoints), lay, desc
         )
 
     def remove(self, name: str) -> None:
@@ -212,6 +226,8 @@ class ReferenceBank:
                 tensors[f"c{i}.kp{j}.descriptors"] = torch.from_numpy(t.descriptors)
             for lv, t in enumerate(c.layouts):
                 tensors[f"c{i}.layout.l{lv}"] = t
+            for j, t in enumerate(c.descriptors):
+                tensors[f"c{i}.desc{j}"] = t
             classes.append(
                 {
                     "name": name,
@@ -221,6 +237,7 @@ class ReferenceBank:
                     "negative_sources": c.negative_sources,
                     "keypoint_sizes": [list(t.size) for t in c.keypoints],
                     "layout_levels": len(c.layouts),
+                    "descriptor_sets": len(c.descriptors),
                 }
             )
         meta = {"format": FORMAT, "encoder": self.spec.to_dict(), "method": self.method, "classes": classes}
@@ -297,7 +314,15 @@ class ReferenceBank:
             if missing:
                 raise ValueError(f"class '{name}' lists layouts but the file has no tensor {missing[0]}")
             lay = [tensors[f"c{i}.layout.l{lv}"] for lv in range(n_lay)]
-            bank.add(name, pos, c.get("sources"), neg, c.get("negative_sources"), tensors.get(f"c{i}.thumb"), kps, lay)
+            n_desc = c.get("descriptor_sets") or 0
+            if not isinstance(n_desc, int) or n_desc < 0:
+                raise ValueError(f"class '{name}' descriptor_sets {n_desc!r} must be a non-negative integer")
+            missing = [f"c{i}.desc{j}" for j in range(n_desc) if f"c{i}.desc{j}" not in tensors]
+            if missing:
+                raise ValueError(f"class '{name}' lists descriptors but the file has no tensor {missing[0]}")
+            desc = [tensors[f"c{i}.desc{j}"] for j in range(n_desc)]
+            thumb = tensors.get(f"c{i}.thumb")
+            bank.add(name, pos, c.get("sources"), neg, c.get("negative_sources"), thumb, kps, lay, desc)
         return bank
 
     def __repr__(self) -> str:
