@@ -222,7 +222,9 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch):
     from yolo_fewshot import demo
 
     monkeypatch.setattr(bm, "load_sources", lambda cache, log=print: synthetic_sources())
-    out = demo.run_demo(model="yolov8n-lite0-proto.yaml", imgsz=64, n_val=8, project=str(tmp_path), name="demo")
+    out = demo.run_demo(
+        model="yolov8n-lite0-proto.yaml", imgsz=64, n_val=8, n_instance=8, project=str(tmp_path), name="demo"
+    )
     report = json.loads((out / "results.json").read_text())
     assert [r["shots"] for r in report["validation"]] == [1, 3]
     assert all("coco_novel_mAP50" in r for r in report["validation"])
@@ -233,6 +235,13 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch):
     assert cv2.imread(str(out / "demo.jpg")).shape[2] == 3
     assert "novel objects found" in (out / "results.md").read_text()
     assert sorted(p.name for p in (out / "refs").iterdir()) == ["fruit", "vegetables"]
+    # instance search: every novel object its own class, one photo each, counted in the same way
+    inst = report["instance"]
+    assert inst["objects"] > 0 and 0 <= inst["found"] <= inst["objects"] and inst["scenes"] == len(inst["predictions"])
+    novel_objects = {p.name for p in (out / "refs-instance").iterdir()}
+    assert len(novel_objects) > 2 and all(len(list((out / "refs-instance" / n).iterdir())) == 1 for n in novel_objects)
+    assert {d[0] for p in inst["predictions"] for d in p["detections"]} <= novel_objects
+    assert "Instance search" in (out / "results.md").read_text()
 
 
 def test_demo_train_path(tmp_path, monkeypatch):
@@ -240,7 +249,9 @@ def test_demo_train_path(tmp_path, monkeypatch):
     from yolo_fewshot import demo
 
     monkeypatch.setattr(bm, "load_sources", lambda cache, log=print: synthetic_sources())
-    out = demo.run_demo(train=True, epochs=1, imgsz=64, batch=8, n_train=16, n_val=8, project=str(tmp_path))
+    out = demo.run_demo(
+        train=True, epochs=1, imgsz=64, batch=8, n_train=16, n_val=8, n_instance=0, project=str(tmp_path)
+    )
     report = json.loads((out / "results.json").read_text())
     assert report["model"].endswith("last.pt") and (out / "train" / "weights" / "last.pt").is_file()
     assert [r["shots"] for r in report["validation"]] == [1, 3]

@@ -37,8 +37,8 @@ def fs() -> FewShotYOLO:
     return m
 
 
-def _run(net, x: torch.Tensor, proposals: str) -> torch.Tensor:
-    net.set_verify(True, proposals)
+def _run(net, x: torch.Tensor, proposals: str, **settings) -> torch.Tensor:
+    net.set_verify(CropVerifier(**settings) if settings else True, proposals)
     with torch.no_grad():
         return net(x)[0]
 
@@ -48,7 +48,8 @@ def test_union_keeps_both_sources_boxes(fs):
     x = torch.from_numpy(scene).permute(2, 0, 1)[None].float() / 255
     x = torch.cat([x, x.flip(-1)])
     net = fs.model
-    head, cn, both = (_run(net, x, p) for p in ("head", "centernet", "both"))
+    # (the same head candidates in both runs, and no once-per-scene rule, which ranks a class's candidates together)
+    head, cn, both = (_run(net, x, p, topk=3, once=1.0) for p in ("head", "centernet", "both"))
     a, k = head.shape[-1], CropVerifier().centernet_topk
     assert cn.shape == both.shape == (2, 5, a + k)
     assert (head[:, 4] > 0).sum() > 0 and (cn[:, 4, a:] > 0).sum() > 0
@@ -56,6 +57,9 @@ def test_union_keeps_both_sources_boxes(fs):
     # the union: the head's candidates with their scores, then CenterNet's with theirs, each verified alike
     torch.testing.assert_close(both[..., :a], head, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(both[..., a:], cn[..., a:], atol=1e-5, rtol=1e-4)
+    # by default the head gives 10 candidates alone, its 3 best beside CenterNet's boxes
+    assert ((_run(net, x, "head")[:, 4] > 0).sum(1) > 3).all()
+    assert ((_run(net, x, "both")[:, 4, :a] > 0).sum(1) <= 3).all()
     net.set_verify(True)
 
 

@@ -131,6 +131,28 @@ def test_crop_verifier_scores_the_pasted_object_first(levels):
     assert out.shape == y.shape and torch.equal(out[:, :4], y[:, :4])
 
 
+def test_an_instance_is_in_a_scene_once():
+    m = FewShotYOLO(YAML)
+    scene, box, cat = _pasted_scene()
+    m.set_references({"cat": [cat]})
+    net = m.model.eval()
+    x = torch.from_numpy(scene).permute(2, 0, 1)[None].float() / 255
+    x = torch.cat([x, x.flip(-1)])  # two images
+    boxes = [[88, 220, 96, 80], [200, 80, 96, 80], [260, 250, 60, 60]]
+    y = torch.cat([torch.tensor(boxes, dtype=torch.float).T[None], torch.full((1, 1, 3), 0.5)], 1).repeat(2, 1, 1)
+    args = (net.model[0], x, y, torch.zeros(2, 1, 3), net.prototypes)
+    off = CropVerifier(topk=3, iou=1.0, proposals="head", once=1.0)(*args)[:, 4]  # [B, A]
+    on = CropVerifier(topk=3, iou=1.0, proposals="head")(*args)[:, 4]  # instance search: 0.2 by default
+    best = off.argmax(1)
+    for i in range(2):  # each image keeps its best candidate; the others are scaled down
+        keep = torch.arange(3) == best[i]
+        torch.testing.assert_close(on[i, keep], off[i, keep])
+        torch.testing.assert_close(on[i, ~keep], off[i, ~keep] * 0.2)
+    cat_search = CropVerifier(topk=3, iou=1.0, proposals="head", top1=False)  # several apples may be in a scene
+    torch.testing.assert_close(cat_search(*args)[:, 4], CropVerifier(topk=3, iou=1.0, proposals="head", top1=False,
+                                                                     once=1.0)(*args)[:, 4])  # fmt: skip
+
+
 def test_verifier_similarity_is_the_mean_of_the_levels_cosines():
     torch.manual_seed(0)
     feats = [torch.rand(2, d, 8, 8) for d in (4, 5, 6, 7)]  # P2..P5 of two crops

@@ -6,8 +6,11 @@
    episodically on the fold's base classes for a few epochs (the training path, for those who want to see it);
 3. scores it with seeded K-shot references (K = 1 and 3): base and novel AP50 with pycocotools;
 4. looks for the novel classes in every held-out scene that holds one, from ``ref_shots`` reference photos each
-   (objects other than those to find), and counts what it found at ``conf``: the share of novel objects found
-   (IoU >= 0.5, right class) and the false positives per scene;
+   (objects other than those to find: category search), and counts what it found at ``conf``: the share of novel
+   objects found (IoU >= 0.5, right class) and the false positives per scene;
+5. instance search, the use behind the project ("here is a photo of this object; find it"): every novel object
+   (44 fruit and vegetables) is its own class with one clean photo of it as the reference, searched in held-out scenes
+   where it sits among 1-3 look-alikes of its folder (other apples), counted the same way;
 writing everything to ``runs/demo/`` (``results.md``, ``results.json``, ``predictions/`` with the reference
 thumbnails in each picture, ``demo.jpg``: a contact sheet).
 """
@@ -34,6 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "n_way": 8,
     "n_train": 160,  # training scenes (train=True only)
     "n_val": 60,  # held-out scenes
+    "n_instance": 40,  # held-out instance-search scenes (0: skip step 5)
     "shots": "1,3",
     "ref_shots": 3,  # reference photos per novel class for the predictions
     "project": "runs",
@@ -73,13 +77,13 @@ def run_demo(**overrides: Any) -> Path:
     yaml = data_dir / "fold0.yaml"
     n_train = int(cfg["n_train"]) if cfg["train"] else 0
     stamp = data_dir / "settings.json"
-    wanted = json.dumps({"imgsz": cfg["imgsz"], "n_train": n_train, "n_val": cfg["n_val"]})
+    wanted = json.dumps({"imgsz": cfg["imgsz"], "n_train": n_train, "n_val": cfg["n_val"], "inst": cfg["n_instance"]})
     if not yaml.is_file() or not stamp.is_file() or stamp.read_text() != wanted:  # deterministic: a rerun reuses it
         say("building a small fold of the real-photo benchmark (photos from Debian packages, fetched once)")
         shutil.rmtree(data_dir, ignore_errors=True)
         src = load_sources(default_cache())
         build_fold(src, data_dir, 0, size=cfg["imgsz"], n_train=n_train, n_val=cfg["n_val"], n_novel_train=0,
-                   n_instance=0, log=lambda m: None)  # fmt: skip
+                   n_instance=int(cfg["n_instance"]), log=lambda m: None)  # fmt: skip
         write_atomic(stamp, wanted)
     timing["data_s"] = time.perf_counter() - t0
 
@@ -118,13 +122,24 @@ def run_demo(**overrides: Any) -> Path:
         [str(s) for s in scenes], refs=str(refs), imgsz=cfg["imgsz"], conf=cfg["conf"], save=True, verify=cfg["verify"],
         project=str(out), name="predictions", exist_ok=True, verbose=False, stream=True, **ver,
     )  # fmt: skip
-    found = []
-    for r in results:
-        dets = [(r.names[int(c)], float(p), b.tolist()) for c, p, b in zip(r.boxes.cls, r.boxes.conf, r.boxes.xyxy)]
-        found.append({"image": Path(r.path).name, "detections": [[n, round(p, 3), [round(v) for v in b]]
-                                                                 for n, p, b in dets]})  # fmt: skip
+    found = _detections(results)
     score = found_and_false(found, truth)
-    _contact_sheet(sorted(pred_dir.glob("*.jpg"))[:SHEET], out / "demo.jpg")
+    instance = None
+    if cfg["n_instance"]:
+        refs_i, scenes_i, truth_i = _instance_refs_and_scenes(data_dir, out / "refs-instance")
+        shutil.rmtree(out / "predictions-instance", ignore_errors=True)  # no stale pictures in the contact sheet
+        say(f"instance search: each of {len(list(refs_i.iterdir()))} novel objects from one photo of it, in "
+            f"{len(scenes_i)} held-out scenes among look-alikes")  # fmt: skip
+        results = model.predict(
+            [str(s) for s in scenes_i], refs=str(refs_i), imgsz=cfg["imgsz"], conf=cfg["conf"], save=True,
+            verify=cfg["verify"], project=str(out), name="predictions-instance", exist_ok=True, verbose=False,
+            stream=True, **{**ver, "top1": True} if cfg["verify"] else {},
+        )  # fmt: skip
+        inst_found = _detections(results)
+        instance = {**found_and_false(inst_found, truth_i), "predictions": inst_found}
+    sheet = sorted(pred_dir.glob("*.jpg"))[: SHEET // 2 if instance else SHEET]
+    sheet += sorted((out / "predictions-instance").glob("*.jpg"))[: SHEET - len(sheet)] if instance else []
+    _contact_sheet(sheet, out / "demo.jpg")
     timing["predict_s"] = time.perf_counter() - t3
     timing["total_s"] = time.perf_counter() - t0
 
@@ -134,6 +149,7 @@ def run_demo(**overrides: Any) -> Path:
         "validation": rows,
         "found": score,
         "predictions": found,
+        "instance": instance,
         "timing_s": {k: round(v, 1) for k, v in timing.items()},
     }
     write_atomic(out / "results.json", json.dumps(report, indent=1))
@@ -178,6 +194,16 @@ def found_and_false(predictions: list[dict], truth: dict[str, list[tuple[str, li
     }
 
 
+def _detections(results) -> list[dict]:
+    """Ultralytics results as ``[{"image": name, "detections": [[class, score, xyxy], ...]}]``."""
+    out = []
+    for r in results:
+        dets = [(r.names[int(c)], float(p), b.tolist()) for c, p, b in zip(r.boxes.cls, r.boxes.conf, r.boxes.xyxy)]
+        out.append({"image": Path(r.path).name, "detections": [[n, round(p, 3), [round(v) for v in b]]
+                                                               for n, p, b in dets]})  # fmt: skip
+    return out
+
+
 def box_iou(a: list[float], b: list[float]) -> float:
     """IoU of two xyxy boxes."""
     ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
@@ -211,6 +237,27 @@ def _novel_refs_and_scenes(data_dir: Path, refs_dir: Path, k: int):
             name = f"{int(i):06d}.jpg"
             scenes.append(data_dir / "fold0" / "images" / "val" / name)
             truth[name] = novel
+    return refs_dir, scenes, truth
+
+
+def _instance_refs_and_scenes(data_dir: Path, refs_dir: Path):
+    """Instance search: a reference folder with one clean photo of each novel object (cropped to it), the held-out
+    instance scenes, and the objects in each (every novel object is its own class)."""
+    import yaml as pyyaml
+
+    root = data_dir / "fold0-instance"
+    names = pyyaml.safe_load((data_dir / "fold0-instance.yaml").read_text())["names"]
+    shutil.rmtree(refs_dir, ignore_errors=True)
+    for i, objs in json.loads((root / "objects_support.json").read_text()).items():
+        (refs_dir / names[objs[0]["label"]]).mkdir(parents=True, exist_ok=True)
+        img = cv2.imread(str(root / "images" / "support" / f"{int(i):06d}.jpg"))
+        x1, y1, x2, y2 = objs[0]["box"]
+        cv2.imwrite(str(refs_dir / names[objs[0]["label"]] / f"{int(i):06d}.jpg"), img[y1:y2, x1:x2])
+    scenes, truth = [], {}
+    for i, objs in json.loads((root / "objects_test.json").read_text()).items():
+        name = f"{int(i):06d}.jpg"
+        scenes.append(root / "images" / "test" / name)
+        truth[name] = [(names[o["label"]], o["box"]) for o in objs if o["label"] is not None]  # (not clutter)
     return refs_dir, scenes, truth
 
 
@@ -249,9 +296,21 @@ def _markdown(report: dict) -> str:
         )
     lines += [
         "",
-        f"Held-out scenes, the novel classes searched from {s['ref_shots']} reference photos each, conf >= "
+        f"Category search, held-out scenes, the novel classes searched from {s['ref_shots']} photos each of other "
+        f"objects of the class, conf >= "
         f"{s['conf']}: **{f['found']} of {f['objects']} novel objects found ({100 * f['found_share']:.0f} %)**, "
         f"{f['false_positives']} false positives in {f['scenes']} scenes (**{f['fp_per_scene']:.2f} per scene**).",
+    ]
+    i = report.get("instance")
+    if i:
+        lines += [
+            "",
+            f"Instance search (each novel object its own class, found from one photo of it, among look-alikes), conf "
+            f">= {s['conf']}: **{i['found']} of {i['objects']} objects found ({100 * i['found_share']:.0f} %)**, "
+            f"{i['false_positives']} false positives in {i['scenes']} scenes (**{i['fp_per_scene']:.2f} per scene**).",
+        ]
+    lines += [
+        "",
         f"Time: data {t['data_s']:.0f} s, training {t['train_s'] / 60:.1f} min, validation {t['val_s']:.0f} s, "
         f"predictions {t['predict_s']:.0f} s; total {t['total_s'] / 60:.1f} min.",
     ]
