@@ -137,8 +137,8 @@ class CropVerifier:
             for category search, where a scene may hold several members of a class. The candidates that outscored
             true matches were mostly a second box on the same object (a part, or the object with its neighbour:
             IoU 0.1-0.5 with it; 23 of 37 false positives above 0.2 on fold 1): instance 1-shot AP50 with CenterNet
-            candidates and votes, folds 0 / 1 / 2, 0.828 / 0.550 / 0.523 -> 0.844 / 0.592 / 0.536 (validator on folds
-            1 and 2; fold 0 the rule applied to its predictions; factor 0.5 / 0.2 / 0: fold 1 0.584 / 0.592 / 0.589).
+            candidates and votes, folds 0 / 1 / 2, 0.828 / 0.550 / 0.523 -> 0.843 / 0.592 / 0.536 (validator; factor
+            0.5 / 0.2 / 0 applied to the earlier predictions: fold 1 0.584 / 0.592 / 0.589).
         proposals: Candidate sources: ``head``, ``centernet``, ``keypoints``, joined by ``+`` (module doc). Default
             ``centernet``: on the benchmark's instance protocol CenterNet's boxes verified beat the head's (fold 0
             AP50 0.764 vs 0.753, fold 1 0.448 vs 0.410; ``tools/probe_verify.py``), and on real photographs they are
