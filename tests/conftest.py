@@ -26,3 +26,16 @@ def onnx_roundtrip(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], tm
     torch.onnx.export(module, inputs, str(path), input_names=names, opset_version=opset, dynamo=False)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return sess.run(None, {n: t.numpy() for n, t in zip(names, inputs)})
+
+
+def bank_without(path, key: str, out):
+    """A copy of the reference bank file ``path`` at ``out`` with its tensor ``key`` removed (a tampered file)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    del tensors[key]
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    save_file(tensors, str(out), metadata=meta)
+    return out

@@ -4,10 +4,9 @@ classes' reference descriptors, a vote counting only when its class is clearly n
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from skimage import data
 
+from tests.conftest import bank_without
 from yolo_fewshot import FewShotYOLO
 from yolo_fewshot.nn.keypoint_votes import crop_descriptors, keypoint_votes, reference_descriptors
 from yolo_fewshot.nn.verify import CropVerifier
@@ -75,11 +74,7 @@ def test_references_get_descriptors_that_instance_verification_counts(tmp_path):
     m.set_prototypes([p[0] for p in m.model.prototypes], ["a", "b"])  # prototypes by hand have none
     assert m.model.descriptors is None
     # a tampered file: a descriptor tensor missing -> one line naming the class
-    tensors = load_file(str(path))
-    del tensors["c0.desc0"]
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
+    bank_without(path, "c0.desc0", tmp_path / "bad.safetensors")
     with pytest.raises(ValueError, match=r"class 'astronaut' lists descriptors but the file has no tensor c0\.desc0"):
         ReferenceBank.load(tmp_path / "bad.safetensors")
 

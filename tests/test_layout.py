@@ -5,10 +5,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from skimage import data
 
+from tests.conftest import bank_without
 from yolo_fewshot import FewShotYOLO
 from yolo_fewshot.nn.layout import class_layouts, layout_descriptors, layout_pool, layout_similarity
 from yolo_fewshot.nn.verify import CropVerifier
@@ -105,11 +104,7 @@ def test_references_get_layouts_that_instance_verification_uses(tmp_path):
     m.set_prototypes([p[0] for p in m.model.prototypes], ["a", "b"])
     assert m.model.layouts is None
     # a tampered file: a layout tensor missing -> one line naming the class
-    tensors = load_file(str(path))
-    del tensors["c0.layout.l1"]
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
+    bank_without(path, "c0.layout.l1", tmp_path / "bad.safetensors")
     with pytest.raises(ValueError, match=r"class 'astronaut' lists layouts but the file has no tensor c0\.layout\.l1"):
         ReferenceBank.load(tmp_path / "bad.safetensors")
 

@@ -66,7 +66,7 @@ def keypoint_votes(queries: Sequence[Tensor], classes: Sequence[Tensor], ratio: 
     times the distance to the nearest descriptor of any other class. With fewer than two classes that have
     descriptors there is nothing to be clearly nearer than, and no vote: the plain ratio test (against the second
     neighbour of the same references) counted the keypoints of any textured candidate and cost three category pairs
-    of the real-photo set (24 -> 21 of 33: a zebra, a giraffe, a bird lost to background).
+    of the real-photo set (24 -> 21 of 33: a zebra, a giraffe and a lemon lost to background).
 
     Args:
         queries: Per candidate, its crop's descriptors ``[P_c, 128]``.
