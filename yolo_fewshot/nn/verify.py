@@ -106,8 +106,9 @@ class CropVerifier:
         gamma: Calibration: the verified score ``cos^sim_power * obj^obj_power * competition`` is raised to this power
             (monotone: rankings do not change) so that Ultralytics' default ``conf=0.25`` is a working point: on
             fold 0's instance protocol with the defaults (CenterNet candidates, P3-P5, layouts, votes, once per
-            scene), raw score 0.056 (63 % of the objects found, 0.19 false positives per scene) maps to 0.25 (before
-            votes and once per scene: 0.55, raw 0.082, 0.15 false positives); with ``gamma=1`` good matches scored
+            scene; read from its predictions with the once rule applied to them), raw score 0.056 (63 % of the
+            objects found, 0.19 false positives per scene) maps to 0.25 (before votes and once per scene: 0.55, raw
+            0.082, 0.15 false positives); with ``gamma=1`` good matches scored
             ~0.02-0.08, ``conf=0.25`` showed nothing, and weak true matches fell under validation's ``conf=0.001``.
         levels: How many of the prototypes' levels (the last ones: P5, then P4, P3) the crop is compared on; the
             cosine is the mean of the levels' cosines. None (default): 3 with :attr:`top1` (instance search), 1
