@@ -48,8 +48,9 @@ def test_union_keeps_both_sources_boxes(fs):
     x = torch.from_numpy(scene).permute(2, 0, 1)[None].float() / 255
     x = torch.cat([x, x.flip(-1)])
     net = fs.model
-    # (the same head candidates in both runs, and no once-per-scene rule, which ranks a class's candidates together)
-    head, cn, both = (_run(net, x, p, topk=3, once=1.0) for p in ("head", "centernet", "both"))
+    # (the same head candidates in both runs, none dropped as a part of a CenterNet box, and no once-per-scene rule,
+    # which ranks a class's candidates together)
+    head, cn, both = (_run(net, x, p, topk=3, once=1.0, part=2.0) for p in ("head", "centernet", "both"))
     a, k = head.shape[-1], CropVerifier().centernet_topk
     assert cn.shape == both.shape == (2, 5, a + k)
     assert (head[:, 4] > 0).sum() > 0 and (cn[:, 4, a:] > 0).sum() > 0
@@ -60,7 +61,34 @@ def test_union_keeps_both_sources_boxes(fs):
     # by default the head gives 10 candidates alone, its 3 best beside CenterNet's boxes
     assert ((_run(net, x, "head")[:, 4] > 0).sum(1) > 3).all()
     assert ((_run(net, x, "both")[:, 4, :a] > 0).sum(1) <= 3).all()
+    # by default a head box that is a part of one of CenterNet's confident boxes is no candidate; the others keep
+    # their scores
+    cn_boxes, cn_obj = CropVerifier().centernet_boxes(x)
+    head_boxes = xywh_to_xyxy(head[:, :4].transpose(1, 2))
+    kept = _run(net, x, "both", topk=3, once=1.0)
+    for i in range(2):
+        cand = (head[i, 4] > 0).nonzero()[:, 0]
+        whole = (cn_obj[i] >= CropVerifier().part).expand(len(cand), -1)  # CenterNet's confident boxes
+        part = verify.parts(head_boxes[i, cand], cn_boxes[i].expand(len(cand), -1, -1), whole)
+        assert (kept[i, 4, cand[part]] == 0).all()
+        torch.testing.assert_close(kept[i, 4, cand[~part]], head[i, 4, cand[~part]], atol=1e-5, rtol=1e-4)
     net.set_verify(True)
+
+
+def test_parts_are_boxes_mostly_inside_a_larger_box():
+    wholes = torch.tensor([[[0.0, 0, 100, 100], [200, 200, 210, 210]]])
+    boxes = torch.tensor(
+        [
+            [10.0, 10, 40, 40],  # inside the first whole: a part
+            [80, 80, 120, 120],  # a quarter of it inside: not a part
+            [0, 0, 90, 90],  # inside, but 81 % of the whole's area: not twice as small
+            [201, 201, 209, 209],  # inside the second whole, which is padding
+        ]
+    )
+    valid = torch.tensor([[True, False]])
+    part = verify.parts(boxes, wholes.expand(4, -1, -1), valid.expand(4, -1), 0.7)
+    assert part.tolist() == [True, False, False, False]
+    assert verify.parts(boxes[1:2], wholes, valid, 0.25).tolist() == [True]  # the share asked for
 
 
 def test_output_shape_contract(fs):

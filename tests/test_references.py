@@ -15,7 +15,7 @@ from yolo_fewshot.encoders.base import EncoderSpec
 from yolo_fewshot.references.aggregate import aggregate, geometric_median
 from yolo_fewshot.references.bank import ReferenceBank
 from yolo_fewshot.references.build import build_bank
-from yolo_fewshot.references.crops import make_crop, read_image
+from yolo_fewshot.references.crops import crop_array, make_crop, read_image
 
 
 @pytest.fixture(scope="module")
@@ -382,3 +382,16 @@ def test_stale_temp_files_of_killed_saves_are_cleaned_on_the_next_save(tmp_path)
     bank.save(target)
     assert not dead.exists() and not legacy.exists() and live.exists() and fresh_legacy.exists()
     assert ReferenceBank.load(target).names == ["mug"]
+
+
+def test_a_whole_photo_reference_is_framed_like_a_boxed_one():
+    # the object at the same size and place in the crop whether the photo is cut to it or holds it with context
+    photo = cv2.resize(data.astronaut(), (100, 100))
+    crop, mask = crop_array(photo, None, size=120, context=0.1)  # whole photo: a 10 px ring beyond its edges
+    assert mask[10:110, 10:110].min() == 1 and mask.sum() == 100 * 100
+    np.testing.assert_array_equal(crop[10:110, 10:110], photo)
+    np.testing.assert_array_equal(crop[:10, 10:110], np.repeat(photo[:1], 10, 0))  # the ring repeats the edge
+    wide = cv2.copyMakeBorder(photo, 30, 30, 30, 30, cv2.BORDER_REPLICATE)  # the same photo with room around it
+    crop2, mask2 = crop_array(wide, [30, 30, 130, 130], size=120, context=0.1)
+    np.testing.assert_array_equal(mask2, mask)
+    np.testing.assert_array_equal(crop2, crop)

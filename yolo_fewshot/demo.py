@@ -36,7 +36,7 @@ DEFAULTS: dict[str, Any] = {
     "batch": 16,
     "n_way": 8,
     "n_train": 160,  # training scenes (train=True only)
-    "n_val": 60,  # held-out scenes
+    "n_val": 40,  # held-out scenes (validation and category search; 60 took the demo past 5 minutes)
     "n_instance": 40,  # held-out instance-search scenes (0: skip step 5)
     "shots": "1,3",
     "ref_shots": 3,  # reference photos per novel class for the predictions
@@ -46,7 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "verify": True,
     # the demo is category search (any apple, from photos of other apples): classes do not compete for a box
     "top1": False,
-    "proposals": None,  # verification's candidates (default: the model's, CenterNet's boxes)
+    "proposals": None,  # verification's candidates (default: the model's, both: CenterNet's boxes and the head's best)
 }
 TRAIN_YAML = "yolov8n-lite0-proto.yaml"
 SHEET = 6  # scenes in the contact sheet

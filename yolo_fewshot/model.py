@@ -130,7 +130,7 @@ class FewShotYOLO(Model):
         """Ultralytics' predict on the model's references, or on ``refs`` (photos, folder or bank) set first;
         ``verify`` switches crop verification of prototype-head models (default: on), ``proposals`` picks its
         candidates (``head``, ``centernet``: the COCO CenterNet's boxes, ``keypoints``: the references' SIFT matches, or
-        several joined by ``+``; default ``centernet``), ``top1`` whether classes compete
+        several joined by ``+``; default ``both``: head and CenterNet), ``top1`` whether classes compete
         for a box (default on: the references are instances; ``top1=False`` for category search)."""
         self._use_refs(refs, verify, proposals, top1)
         with _fetch_errors(source):

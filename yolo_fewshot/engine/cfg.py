@@ -26,7 +26,7 @@ PLUGIN_DEFAULTS: dict[str, Any] = {
     "verify": True,  # prototype-head models: re-score the top boxes by encoding their crops (off: one pass only)
     # verification's candidates: head (its best boxes), centernet (COCO CenterNet's), keypoints (SIFT matches of the
     # references), joined by "+"; both = head+centernet
-    "proposals": "centernet",
+    "proposals": "both",
     "top1": True,  # verification: classes compete for a box (references are instances); False for category search
     "finetune": False,  # TFA-style: train on K shots (shots=K) of every class, novel included; backbone frozen
 }

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..atomic import replace_atomic
 from ..encoders.base import SupportEncoder
-from .crops import file_digest, make_crop
+from .crops import CROP_VERSION, file_digest, make_crop
 
 VIEWS = ((False, 0.1), (True, 0.1), (False, 0.3), (True, 0.3))  # (horizontal flip, context)
 
@@ -52,7 +52,9 @@ class EmbeddingCache:
         if not 1 <= views <= len(VIEWS):
             raise ValueError(f"views must be in 1..{len(VIEWS)}, got {views}")
         self.encoder, self.views = encoder, views
-        tag = hashlib.sha256(json.dumps(encoder.spec.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        # (entries of an older crop framing are not reused: the tag changes with it)
+        key = {**encoder.spec.to_dict(), "crop_version": CROP_VERSION}
+        tag = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         self.dir = Path(root) / tag
         self.dir.mkdir(parents=True, exist_ok=True)
         self.encoded = 0  # instances encoded by this object (the rest came from disk)
