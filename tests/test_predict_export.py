@@ -100,11 +100,17 @@ def test_baked_onnx_export_matches_torch(model, tmp_path, n, monkeypatch):
         ious.append(box_iou(b, b)[torch.triu_indices(len(b), len(b), 1).unbind()])
     cuts = torch.cat([torch.tensor([0.5, 0.9]), *ious]).clamp(0.5, 0.9).unique().sort().values
     iou_thr = float(cuts[(cuts[1:] - cuts[:-1]).argmax()] + cuts[(cuts[1:] - cuts[:-1]).argmax() + 1]) / 2
-    dt = non_max_suppression(yt, conf_thres=thr, iou_thres=iou_thr)
-    do = non_max_suppression(torch.from_numpy(yo), conf_thres=thr, iou_thres=iou_thr)
+    # class-agnostic: an untrained model's classes score within 1e-4 of each other, so which class wins an anchor (and
+    # so what a per-class NMS keeps) may flip between the two; the classes are compared wherever one clearly wins
+    dt = non_max_suppression(yt, conf_thres=thr, iou_thres=iou_thr, agnostic=True)
+    do = non_max_suppression(torch.from_numpy(yo), conf_thres=thr, iou_thres=iou_thr, agnostic=True)
     assert sum(len(d) for d in dt) > 0
     for a, b in zip(dt, do):
-        assert a.shape == b.shape and torch.equal(a[:, 5], b[:, 5]) and torch.allclose(a[:, :5], b[:, :5], atol=1e-3)
+        assert a.shape == b.shape and torch.allclose(a[:, :5], b[:, :5], atol=1e-3)
+    if n > 1:  # (the class scores themselves already agree within 1e-4 above; often no class wins by more)
+        top2 = yt[:, 4:].topk(2, 1).values  # [B, 2, A]
+        clear = top2[:, 0] - top2[:, 1] > 2e-4
+        assert torch.equal(yt[:, 4:].argmax(1)[clear], torch.from_numpy(yo)[:, 4:].argmax(1)[clear])
 
 
 def test_exported_onnx_predicts_in_ultralytics(model, scene, tmp_path, monkeypatch):
