@@ -13,9 +13,9 @@ detector's AP is candidates, boxes and clutter.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -33,32 +33,30 @@ def average_precision(positive: np.ndarray, score: np.ndarray) -> float:
 
 
 def objects(root: Path, split: str) -> list[tuple[str, int, list[float]]]:
-    """(image path, class, xyxy box in pixels) of every labelled object of a split."""
-    out = []
-    for lf in sorted((root / "labels" / split).glob("*.txt")):
-        im = root / "images" / split / f"{lf.stem}.jpg"
-        h, w = cv2.imread(str(im)).shape[:2]
-        for line in lf.read_text().splitlines():
-            if line.strip():
-                c, x, y, bw, bh = map(float, line.split())
-                out.append((str(im), int(c), [(x - bw / 2) * w, (y - bh / 2) * h, (x + bw / 2) * w, (y + bh / 2) * h]))
-    return out
+    """(image path, class, xyxy box in pixels) of every labelled object of a split, from the benchmark's
+    ``objects_<split>.json`` (clutter, unlabelled, left out)."""
+    table = json.loads((root / f"objects_{split}.json").read_text())
+    return [
+        (str(root / "images" / split / f"{int(i):06d}.jpg"), o["label"], o["box"])
+        for i, objs in table.items()
+        for o in objs
+        if o["label"] is not None
+    ]
 
 
 @torch.no_grad()
 def embed(net, items, size: int = 128, batch: int = 64) -> list[torch.Tensor]:
     """Masked-mean crop embeddings of each object on the trunk's last three levels (P3, P4, P5): ``[n, D_l]`` each."""
+    from yolo_fewshot.encoders.base import masked_mean
     from yolo_fewshot.encoders.efficientnet_lite import EfficientNetLite
     from yolo_fewshot.references.crops import make_crop
 
     levels = [[], [], []]
     for i in range(0, len(items), batch):
         crops, masks = zip(*[make_crop(im, box, size, 0.1) for im, _, box in items[i : i + batch]])
-        m = torch.stack(masks).float()
         feats = net.features(EfficientNetLite.normalize(torch.stack(crops)))  # P2..P5
         for lv, f in enumerate(feats[1:]):
-            mk = F.interpolate(m, size=f.shape[-2:], mode="area")
-            levels[lv].append((f * mk).sum((2, 3)) / mk.sum((2, 3)).clamp_min(1e-6))
+            levels[lv].append(masked_mean(f, torch.stack(masks).float()))
     return [torch.cat(lv) for lv in levels]
 
 

@@ -148,7 +148,8 @@ class CropVerifier:
             the tighter ones on the benchmark (instance AP50 fold 0 0.764 vs 0.753, fold 1 0.448 vs 0.410,
             ``tools/probe_verify.py``); the head's few best boxes add the pasted objects COCO's objectness misses
             (flowers, plants: instance AP50, validator, folds 0 / 1 / 2, ``centernet`` 0.843 / 0.592 / 0.536,
-            ``both`` 0.865 / 0.628 / 0.682), and with :attr:`part` they cost no photograph (24/33 either way).
+            ``both`` 0.865 / 0.628 / 0.682), and with :attr:`part` they cost no photograph (24/33 either way;
+            25/33 since the references keep their context ring, :func:`~yolo_fewshot.references.crops.crop_array`).
             ``centernet+keypoints`` finds the same instance wherever COCO's objectness misses it (27/33; README
             "Real-photo evaluation set") for a SIFT pass over each scene.
         centernet_topk: CenterNet candidates per image (after their NMS); also the number of extra output columns.
