@@ -216,6 +216,30 @@ def test_proposals_real_photo(model):
     assert float(plain[0, 4]) == pytest.approx(float(heat.max()), abs=1e-6)  # objectness = max over classes
 
 
+def test_onnxruntime_backend_matches_torch(model):
+    """The default CPU backend (the torch module exported to onnxruntime in memory) gives the torch module's maps and
+    proposals, for a batch of real photos, inside inference mode as predict runs it; a bad backend is one line."""
+    import skimage.data
+
+    from yolo_fewshot.nn.centernet import objectness_maps
+
+    photos = [skimage.data.chelsea(), skimage.data.astronaut(), skimage.data.coffee()]
+    x = torch.stack([torch.from_numpy(cv2.resize(p, (512, 512))).permute(2, 0, 1).float() for p in photos])
+    with torch.inference_mode():
+        obj_t, ltrb_t = objectness_maps(model, x, "torch")
+        obj_o, ltrb_o = objectness_maps(model, x, "onnxruntime")
+        heat = model(x).heatmap
+    assert obj_o.shape == (3, 1, 128, 128) and ltrb_o.shape == (3, 4, 128, 128)
+    assert torch.allclose(obj_t, heat.amax(1, keepdim=True))
+    assert (obj_o - obj_t).abs().max() < 1e-4 and (ltrb_o - ltrb_t).abs().max() < 0.05  # pixels
+    torch_boxes = CenterNetProposals(model, backend="torch")(photos)
+    ort_boxes = CenterNetProposals(model, backend="onnxruntime")(photos)
+    for a, b in zip(torch_boxes, ort_boxes):
+        assert a.shape == b.shape and (a[:10] - b[:10]).abs().max() < 0.05
+    with pytest.raises(ValueError, match="backend='tensorflow' must be one of auto, torch, onnxruntime"):
+        CenterNetProposals(model, backend="tensorflow")
+
+
 # -- equality with the TF.js graph -------------------------------------------------------------------------------------
 def reference_inputs() -> dict[str, np.ndarray]:
     """Real photos, plain-resized to 512 x 512, float32 RGB 0..255 (the graph's input)."""

@@ -155,14 +155,16 @@ class ModelMethod:
         proposals: str | None = None,
         centernet_topk: int | None = None,
         topk: int | None = None,
+        centernet_size: int | None = None,
     ) -> None:
         from yolo_fewshot import FewShotYOLO
 
         self.model, self.imgsz = FewShotYOLO(path), imgsz
-        if proposals is not None or centernet_topk is not None or topk is not None:
+        settings = (("centernet_topk", centernet_topk), ("topk", topk), ("centernet_size", centernet_size))
+        if proposals is not None or any(v is not None for _, v in settings):
             from yolo_fewshot.nn.verify import CropVerifier
 
-            extra = {k: v for k, v in (("centernet_topk", centernet_topk), ("topk", topk)) if v is not None}
+            extra = {k: v for k, v in settings if v is not None}
             self.model.model.set_verify(CropVerifier(**extra), proposals)
 
     def __call__(self, ref, ref_box, ref_mask, scene) -> Detections:
@@ -212,7 +214,7 @@ def build_method(name: str, args) -> Callable[..., Detections]:
     if name == "model":
         if not args.model:
             raise SystemExit("--methods model needs --model PATH (a FewShotYOLO checkpoint)")
-        return ModelMethod(args.model, args.imgsz, args.proposals, args.centernet_topk, args.topk)
+        return ModelMethod(args.model, args.imgsz, args.proposals, args.centernet_topk, args.topk, args.centernet_size)
     from yolo_fewshot.encoders import build_encoder
 
     encoder = build_encoder(args.encoder)
@@ -310,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--centernet-topk", type=int, default=None, help="CenterNet candidates per image (model)")
     ap.add_argument("--topk", type=int, default=None, help="head candidates per image (model)")
+    ap.add_argument("--centernet-size", type=int, default=None, help="CenterNet input side (model; a multiple of 32)")
     ap.add_argument("--pairs", nargs="*", help="evaluate only these pair ids")
     ap.add_argument("--manifest", help="another manifest (default: the committed one)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "realphoto"))

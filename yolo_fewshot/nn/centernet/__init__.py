@@ -4,6 +4,7 @@ class-agnostic proposals. Model card: docs/centernet.md; conversion: tools/conve
 from .decode import decode_detections, heatmap_peaks
 from .model import COCO80, WEIGHTS_SHA256, CenterNet, CenterNetOutput, weights_path
 from .proposals import CenterNetProposals
+from .session import objectness_maps
 
 __all__ = [
     "COCO80",
@@ -13,5 +14,6 @@ __all__ = [
     "CenterNetProposals",
     "decode_detections",
     "heatmap_peaks",
+    "objectness_maps",
     "weights_path",
 ]
