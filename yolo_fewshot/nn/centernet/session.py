@@ -69,6 +69,8 @@ def _session(model: CenterNet, hw: tuple[int, int]):
             options = ort.SessionOptions()
             options.intra_op_num_threads = threads  # as many as torch is allowed (Ultralytics sets it on CPU)
             options.log_severity_level = 3
+            # torch runs right after it (the crops' trunk pass): threads that spin-wait would take the cores from it
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             sessions[key] = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 - any failure means: run the torch module instead
             from ultralytics.utils import LOGGER
