@@ -75,6 +75,25 @@ def test_union_keeps_both_sources_boxes(fs):
     net.set_verify(True)
 
 
+def test_head_objectness_scales_centernet_candidates(fs):
+    """With ``head_objectness``, CenterNet's candidates are scored as before times the head's objectness where they
+    are (to a power): never more, and nothing where no head box overlaps one; the head's own candidates unchanged."""
+    scene, _, _ = _pasted_scene()
+    x = torch.from_numpy(scene).permute(2, 0, 1)[None].float() / 255
+    net = fs.model
+    plain = _run(net, x, "both", once=1.0)
+    scaled = _run(net, x, "both", once=1.0, head_objectness=1.0)
+    a = plain.shape[-1] - CropVerifier().centernet_topk
+    torch.testing.assert_close(scaled[..., :a], plain[..., :a])
+    cn_plain, cn_scaled = plain[0, 4, a:], scaled[0, 4, a:]
+    assert (cn_plain > 0).any() and (cn_scaled <= cn_plain + 1e-6).all() and (cn_scaled < cn_plain - 1e-6).any()
+    cn_boxes = xywh_to_xyxy(plain[0, :4, a:].T)
+    head_boxes = xywh_to_xyxy(plain[0, :4, :a].T)
+    alone = (box_iou(cn_boxes, head_boxes) < 0.5).all(1)  # no head anchor where the CenterNet box is
+    assert (cn_scaled[alone] == 0).all()
+    net.set_verify(True)
+
+
 def test_parts_are_boxes_mostly_inside_a_larger_box():
     wholes = torch.tensor([[[0.0, 0, 100, 100], [200, 200, 210, 210]]])
     boxes = torch.tensor(

@@ -102,5 +102,5 @@ def objectness_maps(model: CenterNet, images: Tensor, backend: str = "auto") -> 
             raise RuntimeError("CenterNet backend='onnxruntime' could not be built (see the warning above)")
     if session is None:
         return ObjectnessMaps(model)(images)
-    objectness, ltrb = session.run(None, {"images": images.float().contiguous().numpy()})
+    objectness, ltrb = session.run(None, {"images": images.detach().float().contiguous().numpy()})
     return torch.from_numpy(objectness), torch.from_numpy(ltrb)
