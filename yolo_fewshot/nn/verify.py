@@ -171,9 +171,9 @@ class CropVerifier:
             an object only where both networks see one. 0 (default): off. For scenes like the ones the head was
             trained on: the head learned that the training scenes' unlabelled objects are background, COCO's
             objectness did not, so on the benchmark category search (``top1=False``, K=5, validator) gains: folds 0 /
-            1 novel AP50 0.250 / 0.115 -> 0.271 / 0.150 at 0.5, 0.274 / 0.156 at 1 (base 0.145 / 0.198 -> 0.155 /
-            0.238), above the head's candidates alone (0.252 / 0.123); but on photographs the head, trained on pasted
-            stamps, sees few objects, and 0.5 loses 10 of the 25 real pairs (15/33). Not measured: a head trained on
+            1 / 2 novel AP50 0.250 / 0.115 / 0.301 -> 0.274 / 0.156 / 0.352 at 1 (0.271 / 0.150 on folds 0 / 1 at
+            0.5), above the head's candidates alone (0.252 / 0.123 / 0.329); but on photographs the head, trained on
+            pasted stamps, sees few objects: 25 of 33 real pairs -> 15 at 0.5, 10 at 1. Not measured: a head trained on
             the kind of scenes it will search (a fine-tune on the user's own footage), where it may pay.
     """
 
