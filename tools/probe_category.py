@@ -15,9 +15,9 @@ in 0..255); ``--center`` subtracts the mean embedding of the training scenes' ob
 ``--metric-steps N`` first learns a category metric on the training scenes' objects (:func:`learn_metric`: base
 classes, their clutter as background) and ranks in it.
 
-Measured (K=5, ``--clutter``, P5 / CenterNet c4): fold 1 (vehicles, military) Lite0 0.223, centred 0.184, CenterNet
-c4 centred 0.288; fold 0 0.349 / 0.382 centred / 0.302; fold 2 0.534 / 0.526 / 0.160 (README, "Why fold 1's
-categories stay low").
+Measured (K=5, ``--clutter``; Lite0 P5 / centred / CenterNet c4 centred / learned metric P5 at 400 steps): fold 1
+(vehicles, military) 0.223 / 0.192 / 0.293 / 0.305; fold 0 0.349 / 0.385 / 0.313 / 0.351; fold 2 0.534 / 0.540 /
+0.161 / 0.550 (README, "Why fold 1's categories stay low").
 """
 
 from __future__ import annotations
