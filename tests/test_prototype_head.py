@@ -153,6 +153,27 @@ def test_an_instance_is_in_a_scene_once():
                                                                      once=1.0)(*args)[:, 4])  # fmt: skip
 
 
+@pytest.mark.parametrize("proposals", ["head", "both"])
+def test_a_half_precision_model_verifies_like_the_float_one(proposals):
+    # Ultralytics validates and predicts in half precision on a GPU (the trainer's final validation does): the
+    # verifier's cosines, the head's NMS and CenterNet's candidates must run on half maps and prototypes alike
+    m = FewShotYOLO()  # the shipped weights: a trained head, so its top candidates are not near-ties
+    scene, box, cat = _pasted_scene()
+    m.set_references({"cat": [cat]})
+    net = m.model.eval()
+    net.set_verify(CropVerifier(proposals=proposals))
+    x = torch.from_numpy(scene).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        full = net(x)[0]
+        half = net.half()(x.half())[0]
+    assert half.dtype == torch.float16 and half.shape == full.shape
+    best = int(full[0, 4].argmax())
+    assert int(half[0, 4].argmax()) == best and full[0, 4, best] > 0.25  # the cat, found in both precisions
+    cx, cy = full[0, :2, best].tolist()
+    assert box[0] <= cx <= box[2] and box[1] <= cy <= box[3]
+    torch.testing.assert_close(half[0, 4].float(), full[0, 4], atol=0.01, rtol=0.0)
+
+
 def test_verifier_similarity_is_the_mean_of_the_levels_cosines():
     torch.manual_seed(0)
     feats = [torch.rand(2, d, 8, 8) for d in (4, 5, 6, 7)]  # P2..P5 of two crops

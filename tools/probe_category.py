@@ -130,6 +130,82 @@ def learn_metric(emb: torch.Tensor, cls: torch.Tensor, steps: int, lr: float, se
     return lambda x: project(x).detach()
 
 
+def tune_trunk(items, steps: int, lr: float, first: int = 11, size: int = 128, seed: int = 0):
+    """The unfrozen-trunk ablation at the embedding level: EfficientNet-Lite0's blocks ``first``.. (11: its last two
+    stages, stride 32) fine-tuned on base-class objects with :func:`learn_metric`'s episodes and loss (8 base classes,
+    5-shot prototypes, 5 queries each, 40 clutter objects against a learned background logit), BatchNorm kept at its
+    ImageNet statistics; the earlier blocks stay frozen, so their output is computed once.
+
+    Args:
+        items: Training-scene objects ``(image, class, box)`` (class -1: clutter).
+        steps: Optimiser steps (AdamW, weight decay 0.05).
+        lr: Learning rate.
+        first: First block trained (blocks before it stay frozen).
+        size: Crop side.
+        seed: Episode sampling seed.
+
+    Returns:
+        A :func:`trunk_levels`-style ``crops -> [P3, P4, P5]`` whose P5 comes from the tuned blocks (P3 / P4 unchanged
+        when ``first`` > 10).
+    """
+    from yolo_fewshot.encoders.base import masked_mean
+    from yolo_fewshot.encoders.efficientnet_lite import EfficientNetLite, weights_path
+    from yolo_fewshot.references.crops import make_crop
+
+    torch.manual_seed(seed)
+    net = EfficientNetLite(torch.load(weights_path("efficientnet-lite0"), map_location="cpu", weights_only=True)).eval()
+    head, tail = net._blocks[:first], net._blocks[first:]
+    net.requires_grad_(False)
+    tail.requires_grad_(True)
+
+    def stem(x: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(net._bn0(net._conv_stem(EfficientNetLite.normalize(x))))
+        for blk in head:
+            x = blk(x)
+        return x
+
+    with torch.no_grad():
+        feats, masks = [], []
+        for i in range(0, len(items), 64):
+            crops, ms = zip(*[make_crop(im, box, size, 0.1) for im, _, box in items[i : i + 64]])
+            feats.append(stem(torch.stack(crops)))
+            masks.append(torch.stack(ms).float())
+        feats, masks = torch.cat(feats), torch.cat(masks)
+    cls = torch.tensor([c for _, c, _ in items])
+
+    def p5(idx: torch.Tensor) -> torch.Tensor:
+        x = feats[idx]
+        for blk in tail:
+            x = blk(x)
+        return F.normalize(masked_mean(x, masks[idx]), dim=-1)
+
+    scale, background = 10.0, torch.nn.Parameter(torch.tensor(0.5))
+    opt = torch.optim.AdamW([*tail.parameters(), background], lr=lr, weight_decay=0.05)
+    classes = [c for c in cls.unique().tolist() if c >= 0 and (cls == c).sum() >= 10]
+    clutter = (cls < 0).nonzero()[:, 0]
+    for step in range(steps):
+        picked = torch.tensor(classes)[torch.randperm(len(classes))[:8]].tolist()
+        proto_idx, query_idx, target = [], [], []
+        for i, c in enumerate(picked):
+            members = (cls == c).nonzero()[:, 0]
+            members = members[torch.randperm(len(members))]
+            proto_idx.append(members[:5])
+            query_idx.append(members[5:10])
+            target += [i] * len(members[5:10])
+        query_idx.append(clutter[torch.randperm(len(clutter))[:40]])
+        target += [len(picked)] * len(query_idx[-1])
+        emb = p5(torch.cat(proto_idx + query_idx))
+        n_p = 5 * len(picked)
+        protos = F.normalize(emb[:n_p].view(len(picked), 5, -1).mean(1), dim=-1)
+        logits = torch.cat([scale * emb[n_p:] @ protos.T, (scale * background).expand(len(emb) - n_p, 1)], 1)
+        loss = F.cross_entropy(logits, torch.tensor(target))
+        opt.zero_grad(), loss.backward(), opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            print(f"  tune_trunk step {step}: loss {loss.item():.3f}", flush=True)
+    net.requires_grad_(False)
+    return lambda x: net.features(EfficientNetLite.normalize(x))[1:]
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fold", type=int, default=0)
@@ -138,8 +214,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--clutter", action="store_true", help="rank the scenes' unlabelled distractors too")
     ap.add_argument("--trunk", choices=("lite0", "centernet"), default="lite0")
     ap.add_argument("--center", action="store_true", help="subtract the training objects' mean embedding")
+    ap.add_argument("--combine", choices=("mean", "max"), default="mean", help="K references: mean or nearest")
     ap.add_argument("--metric-steps", type=int, default=0, help="learn a category metric first (0: none)")
     ap.add_argument("--metric-lr", type=float, default=1e-4)
+    ap.add_argument("--tune-steps", type=int, default=0, help="fine-tune the trunk's last blocks first (0: frozen)")
+    ap.add_argument("--tune-lr", type=float, default=1e-4)
+    ap.add_argument("--tune-from", type=int, default=11, help="first Lite0 block fine-tuned (11: the last 2 stages)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     cfg = yaml.safe_load((Path(a.data) / f"fold{a.fold}.yaml").read_text())
@@ -147,6 +227,10 @@ def main(argv: list[str] | None = None) -> dict:
     novel = [c for c, n in names.items() if n in cfg["novel"]]
     root = Path(a.data) / f"fold{a.fold}"
     levels_of = trunk_levels(a.trunk)
+    if a.tune_steps:  # on the same 2500 training-scene objects as the learned metric
+        if a.trunk != "lite0":
+            ap.error("--tune-steps needs --trunk lite0")
+        levels_of = tune_trunk(objects(root, "train", True)[:2500], a.tune_steps, a.tune_lr, a.tune_from)
     support, val = objects(root, "support"), objects(root, "val", a.clutter)
     s_emb, q_emb = embed(levels_of, support), embed(levels_of, val)
     if a.center:  # the mean of 1000 training-scene objects (base classes and clutter), per level
@@ -166,15 +250,12 @@ def main(argv: list[str] | None = None) -> dict:
     report = {}
     for lv, level in ((2, "P5"), (1, "P4"), (0, "P3")):  # (c5, c4, c3 for the CenterNet trunk)
         q = F.normalize(q_emb[lv], dim=-1)
-        protos = torch.stack(
-            [
-                F.normalize(F.normalize(s_emb[lv][np.flatnonzero(s_cls == c)[: a.k]], dim=-1).mean(0), dim=-1)
-                if (s_cls == c).any()
-                else torch.zeros(q.shape[1])
-                for c in range(len(names))
-            ]
-        )
-        cos = (q @ protos.T).numpy()  # [objects, classes]
+        refs = [F.normalize(s_emb[lv][np.flatnonzero(s_cls == c)[: a.k]], dim=-1) for c in range(len(names))]
+        if a.combine == "mean":  # one prototype per class: the mean of its K references
+            protos = torch.stack([F.normalize(r.mean(0), dim=-1) if len(r) else torch.zeros(q.shape[1]) for r in refs])
+            cos = (q @ protos.T).numpy()  # [objects, classes]
+        else:  # nearest reference: each object scored by its most similar of the class's K references
+            cos = torch.stack([(q @ r.T).amax(1) if len(r) else torch.full((len(q),), -1.0) for r in refs], 1).numpy()
         nearest = cos.argmax(1)
         rank = [average_precision(q_cls == c, cos[:, c]) for c in novel]
         gated = [average_precision(q_cls == c, np.where(nearest == c, cos[:, c], -1.0)) for c in novel]

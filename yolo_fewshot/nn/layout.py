@@ -82,8 +82,8 @@ def layout_similarity(feats: Sequence[Tensor], masks: Tensor, layouts: Sequence[
     cos = 0
     for f, lay in zip(feats[-len(layouts) :], layouts):
         grid = round((lay.shape[-1] / f.shape[1]) ** 0.5)
-        e = layout_pool(f, masks, grid)  # [C, G*G*D]
-        lay = F.normalize(lay, dim=-1, eps=1e-6).to(e.dtype)
+        e = layout_pool(f.float(), masks.float(), grid)  # [C, G*G*D], float32 whatever the model's precision
+        lay = F.normalize(lay.to(e.device, torch.float32), dim=-1, eps=1e-6)  # (layouts are kept on the CPU)
         q = lay[idx] if len(lay) > 1 else lay[0].expand(len(idx), -1, -1, -1)  # [C, N, 2, G*G*D]
         cos = cos + torch.einsum("cnvd,cd->cnv", q, e).amax(-1)
     return cos / len(layouts)

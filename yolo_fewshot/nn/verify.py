@@ -293,7 +293,7 @@ class CropVerifier:
             for i in range(b):
                 k = min(a, max(topk * 10, 300))
                 top = best[i].topk(k).indices
-                keep = batched_nms(boxes[i, top], best[i, top], torch.zeros_like(top), self.iou)[:topk]
+                keep = batched_nms(boxes[i, top].float(), best[i, top].float(), torch.zeros_like(top), self.iou)[:topk]
                 cand.append(top[keep])
             hi = torch.cat([torch.full_like(c, i) for i, c in enumerate(cand)])
             ha = torch.cat(cand)
@@ -377,8 +377,9 @@ class CropVerifier:
         n = self.n_levels(len(protos))
         cos = 0
         for f, p in zip(feats[-n:], protos[-n:]):
-            q = F.normalize(p.mean(2), dim=-1, eps=1e-6).expand(b, -1, -1)[idx]  # [C, N, D_l]
-            e = F.normalize(masked_mean(f, masks), dim=-1, eps=1e-6)  # [C, D_l]
+            # in float32 whatever the model's precision (a half model on a GPU: masked means come out in float32)
+            q = F.normalize(p.float().mean(2), dim=-1, eps=1e-6).expand(b, -1, -1)[idx]  # [C, N, D_l]
+            e = F.normalize(masked_mean(f.float(), masks.float()), dim=-1, eps=1e-6)  # [C, D_l]
             cos = cos + (q @ e[:, :, None]).squeeze(-1)
         return cos / n
 
