@@ -174,6 +174,20 @@ def test_a_half_precision_model_verifies_like_the_float_one(proposals):
     torch.testing.assert_close(half[0, 4].float(), full[0, 4], atol=0.01, rtol=0.0)
 
 
+def test_verified_predictions_are_merged_at_nms_iou_half_unless_told():
+    from yolo_fewshot.model import VERIFIED_NMS_IOU
+
+    m = FewShotYOLO()
+    scene, _, cat = _pasted_scene()
+    m.predict(scene, refs={"cat": [cat]}, imgsz=320, verbose=False)
+    assert m.predictor.args.iou == VERIFIED_NMS_IOU == 0.5
+    m.predict(scene, iou=0.7, imgsz=320, verbose=False)  # an explicit setting wins
+    assert m.predictor.args.iou == 0.7
+    one_pass = FewShotYOLO()
+    one_pass.predict(scene, refs={"cat": [cat]}, verify=False, imgsz=320, verbose=False)
+    assert one_pass.predictor.args.iou == 0.7  # one pass, one source of boxes: Ultralytics' default
+
+
 def test_verifier_similarity_is_the_mean_of_the_levels_cosines():
     torch.manual_seed(0)
     feats = [torch.rand(2, d, 8, 8) for d in (4, 5, 6, 7)]  # P2..P5 of two crops
