@@ -84,6 +84,44 @@ def embed(levels_of, items, size: int = 128, batch: int = 64) -> list[torch.Tens
     return [torch.cat(lv) for lv in levels]
 
 
+def train_episodes(embed, params, cls: torch.Tensor, steps: int, lr: float, log: bool = False) -> None:
+    """Train ``params`` on category episodes: 8 base classes, a prototype from 5 of each class's objects, 5 more as
+    queries and 40 clutter objects as background (a learned threshold logit), cross-entropy over the classes and the
+    background; AdamW, weight decay 0.05.
+
+    Args:
+        embed: Object indices ``[n]`` -> unit embeddings ``[n, D]`` (through what is trained).
+        params: The trained parameters.
+        cls: ``[N]`` classes of the objects (-1: clutter).
+        steps: Optimiser steps.
+        lr: Learning rate.
+        log: Print the loss every 100 steps.
+    """
+    scale, background = 10.0, torch.nn.Parameter(torch.tensor(0.5))
+    opt = torch.optim.AdamW([*params, background], lr=lr, weight_decay=0.05)
+    classes = [c for c in cls.unique().tolist() if c >= 0 and (cls == c).sum() >= 10]
+    clutter = (cls < 0).nonzero()[:, 0]
+    for step in range(steps):
+        picked = torch.tensor(classes)[torch.randperm(len(classes))[:8]].tolist()
+        proto_idx, query_idx, target = [], [], []
+        for i, c in enumerate(picked):
+            members = (cls == c).nonzero()[:, 0]
+            members = members[torch.randperm(len(members))]
+            proto_idx.append(members[:5])
+            query_idx.append(members[5:10])
+            target += [i] * len(members[5:10])
+        query_idx.append(clutter[torch.randperm(len(clutter))[:40]])
+        target += [len(picked)] * len(query_idx[-1])
+        emb = embed(torch.cat(proto_idx + query_idx))
+        n_p = 5 * len(picked)
+        protos = F.normalize(emb[:n_p].view(len(picked), 5, -1).mean(1), dim=-1)
+        logits = torch.cat([scale * emb[n_p:] @ protos.T, (scale * background).expand(len(emb) - n_p, 1)], 1)
+        loss = F.cross_entropy(logits, torch.tensor(target))
+        opt.zero_grad(), loss.backward(), opt.step()
+        if log and (step % 100 == 0 or step == steps - 1):
+            print(f"  step {step}: loss {loss.item():.3f}", flush=True)
+
+
 def learn_metric(emb: torch.Tensor, cls: torch.Tensor, steps: int, lr: float, seed: int = 0):
     """A category metric learned on base-class objects: ``normalize(x̂ + MLP(x̂))``, ``x̂ = normalize(x)``, the MLP's
     output layer zero-initialised (step 0 is the plain cosine), trained episodically: 8 base classes, a prototype from
@@ -109,25 +147,7 @@ def learn_metric(emb: torch.Tensor, cls: torch.Tensor, steps: int, lr: float, se
         x = F.normalize(x, dim=-1)
         return F.normalize(x + mlp(x), dim=-1)
 
-    scale, background = 10.0, torch.nn.Parameter(torch.tensor(0.5))
-    opt = torch.optim.AdamW([*mlp.parameters(), background], lr=lr, weight_decay=0.05)
-    classes = [c for c in cls.unique().tolist() if c >= 0 and (cls == c).sum() >= 10]
-    clutter = (cls < 0).nonzero()[:, 0]
-    for _ in range(steps):
-        picked = torch.tensor(classes)[torch.randperm(len(classes))[:8]].tolist()
-        protos, queries, target = [], [], []
-        for i, c in enumerate(picked):
-            members = (cls == c).nonzero()[:, 0]
-            members = members[torch.randperm(len(members))]
-            protos.append(F.normalize(project(emb[members[:5]]).mean(0), dim=-1))
-            queries.append(emb[members[5:10]])
-            target += [i] * len(members[5:10])
-        queries.append(emb[clutter[torch.randperm(len(clutter))[:40]]])
-        target += [len(picked)] * (len(queries[-1]))
-        q = project(torch.cat(queries))
-        logits = torch.cat([scale * q @ torch.stack(protos).T, (scale * background).expand(len(q), 1)], 1)
-        loss = F.cross_entropy(logits, torch.tensor(target))
-        opt.zero_grad(), loss.backward(), opt.step()
+    train_episodes(lambda idx: project(emb[idx]), mlp.parameters(), cls, steps, lr)
     return lambda x: project(x).detach()
 
 
@@ -180,29 +200,7 @@ def tune_trunk(items, steps: int, lr: float, first: int = 11, size: int = 128, s
             x = blk(x)
         return F.normalize(masked_mean(x, masks[idx]), dim=-1)
 
-    scale, background = 10.0, torch.nn.Parameter(torch.tensor(0.5))
-    opt = torch.optim.AdamW([*tail.parameters(), background], lr=lr, weight_decay=0.05)
-    classes = [c for c in cls.unique().tolist() if c >= 0 and (cls == c).sum() >= 10]
-    clutter = (cls < 0).nonzero()[:, 0]
-    for step in range(steps):
-        picked = torch.tensor(classes)[torch.randperm(len(classes))[:8]].tolist()
-        proto_idx, query_idx, target = [], [], []
-        for i, c in enumerate(picked):
-            members = (cls == c).nonzero()[:, 0]
-            members = members[torch.randperm(len(members))]
-            proto_idx.append(members[:5])
-            query_idx.append(members[5:10])
-            target += [i] * len(members[5:10])
-        query_idx.append(clutter[torch.randperm(len(clutter))[:40]])
-        target += [len(picked)] * len(query_idx[-1])
-        emb = p5(torch.cat(proto_idx + query_idx))
-        n_p = 5 * len(picked)
-        protos = F.normalize(emb[:n_p].view(len(picked), 5, -1).mean(1), dim=-1)
-        logits = torch.cat([scale * emb[n_p:] @ protos.T, (scale * background).expand(len(emb) - n_p, 1)], 1)
-        loss = F.cross_entropy(logits, torch.tensor(target))
-        opt.zero_grad(), loss.backward(), opt.step()
-        if step % 100 == 0 or step == steps - 1:
-            print(f"  tune_trunk step {step}: loss {loss.item():.3f}", flush=True)
+    train_episodes(p5, tail.parameters(), cls, steps, lr, log=True)
     net.requires_grad_(False)
     return lambda x: net.features(EfficientNetLite.normalize(x))[1:]
 
