@@ -46,3 +46,36 @@ def test_bench_speed_json():
     ratio = out["torch_ms"]["1+verify"] / out["torch_ms"]["1+verify:head"]
     assert abs(out["proposal_ratios"]["head"] - ratio) < 1e-2
     assert out["config"]["model"] == "yolov8n-lite0-proto.yaml" and out["config"]["baseline"] == "yolov8n-lite0.yaml"
+
+
+def test_probe_found_counts_found_objects_misses_and_false_positives():
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("probe_found", TOOLS / "probe_found.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    # one scene, three objects of classes a, b, c; candidates: a found (0.9), b's box given to c (0.6), a loose box
+    # on c at 0.3 (false positive: part of an object), clutter at 0.1; nothing covers c
+    scene = {
+        "image": "s.jpg",
+        "box": np.array([[0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 46, 10], [80, 80, 90, 90]], np.float32),
+        "obj": np.ones(4, np.float32),
+        "score": np.array([[0.9, 0, 0], [0, 0.2, 0.6], [0, 0, 0.3], [0.1, 0, 0]], np.float32),
+    }
+    truth = {"s.jpg": [("a", [0, 0, 10, 10]), ("b", [20, 0, 30, 10]), ("c", [40, 0, 60, 20])]}
+    out = probe.evaluate([scene], truth, {"a": 0, "b": 1, "c": 2}, agnostic=False, fp=1.0, conf=0.25)
+    assert out["objects"] == 3 and out["found_at_conf0.25"] == round(1 / 3, 4)
+    assert out["fp_per_scene_at_conf0.25"] == 2.0  # b's box as c, and the loose box on c
+    assert out["found_at_fp1.0"] == round(1 / 3, 4) and out["threshold"] == 0.6  # the lowest within 1 FP per scene
+    assert out["missed_at_conf"] == {
+        "no candidate": 1,
+        "best candidate goes to another reference": 1,
+        "below the threshold": 0,
+    }
+    assert out["false_positives_at_conf"] == {
+        "a look-alike or another labelled object": 1,
+        "part or loose box of an object": 1,
+        "clutter": 0,
+    }

@@ -283,6 +283,23 @@ class CropVerifier:
             boxes, then one keypoint box per class (xywh; empty where none); scores of the candidates verified, of
             everything else 0.
         """
+        out, idx, col, cbox, cobj = self.candidates(img, y, obj, keypoints)
+        if not len(idx):
+            return out
+        cos = self.compare(trunk, img, idx, cbox, protos, y.shape[1] - 4, layouts, descriptors)
+        out[idx, 4:, col] = self.score(cos, cobj, idx, y.shape[0]).to(y.dtype)
+        return out
+
+    def candidates(
+        self, img: Tensor, y: Tensor, obj: Tensor, keypoints: Sequence[Sequence[KeypointTemplate]] | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The candidate boxes of every source (:attr:`proposals`).
+
+        Returns:
+            ``out`` (``y`` with the extra sources' columns appended and every score 0, ``[B, 4 + N, A + E]``), then per
+            candidate its image ``[C]``, its column of ``out`` ``[C]``, its box ``[C, 4]`` (xyxy, input pixels) and
+            its objectness ``[C]`` in [0, 1].
+        """
         b, a = y.shape[0], y.shape[-1]
         boxes = xywh_to_xyxy(y[:, :4].transpose(1, 2))  # [B, A, 4]
         out = y.clone()
@@ -321,27 +338,62 @@ class CropVerifier:
             out = torch.cat([out, cols], -1)
             ci, ck = (co > 0).nonzero(as_tuple=True)  # padding (objectness 0) is never a candidate
             idx.append(ci), col.append(start + ck), cbox.append(cb[ci, ck]), cobj.append(co[ci, ck])
-        idx, col, cbox, cobj = torch.cat(idx), torch.cat(col), torch.cat(cbox), torch.cat(cobj)
-        if not len(idx):
-            return out
+        return out, torch.cat(idx), torch.cat(col), torch.cat(cbox), torch.cat(cobj)
+
+    def compare(
+        self,
+        trunk,
+        img: Tensor,
+        idx: Tensor,
+        cbox: Tensor,
+        protos: list[Tensor],
+        n: int,
+        layouts: Sequence[Tensor] | None = None,
+        descriptors: Sequence[Sequence[Tensor]] | None = None,
+    ) -> Tensor:
+        """Similarity ``[C, N]`` of each candidate crop (image ``idx``, box ``cbox``) with each of the ``n`` classes:
+        the masked-mean cosine, mixed with the layouts' (:attr:`layout`), plus keypoint votes (:attr:`votes`)."""
+        b = img.shape[0]
         crops, masks = self.crops(img, idx, cbox.to(img.dtype))
         feats = trunk(crops)
-        w = float((0.5 if self.top1 else 0.0) if self.layout is None else self.layout)  # the layouts' share
-        cos = self.similarity(feats, masks, protos, b, idx) if w < 1 else 0  # [C, N]
-        if w > 0 and layouts and layouts[0].shape[-3] == y.shape[1] - 4:  # (negative classes have none)
-            lay = layout_similarity(feats, masks, layouts[-self.n_levels(len(layouts)) :], idx)
-            cos = (1 - w) * cos + w * lay
-        elif w >= 1:
-            cos = self.similarity(feats, masks, protos, b, idx)
+        cos = self.appearance(feats, masks, protos, layouts, b, idx, n)
         wv = float((0.1 if self.top1 else 0.0) if self.votes is None else self.votes)
         # (votes need two classes with descriptors: with one, no SIFT pass is spent, see keypoint_votes)
         if (
             wv > 0
             and descriptors
-            and all(len(r) == y.shape[1] - 4 for r in descriptors)
+            and all(len(r) == n for r in descriptors)
             and any(sum(len(t) > 0 for t in r) > 1 for r in descriptors)
         ):
             cos = cos + wv * torch.log1p(self.count_votes(crops, masks, idx, descriptors)).to(cos)
+        return cos
+
+    def appearance(
+        self,
+        feats: list[Tensor],
+        masks: Tensor,
+        protos: list[Tensor],
+        layouts: Sequence[Tensor] | None,
+        b: int,
+        idx: Tensor,
+        n: int,
+    ) -> Tensor:
+        """The crops' masked-mean cosine ``[C, N]`` with ``protos``, mixed with their layouts' cosine with
+        ``layouts`` (:attr:`layout`; classes without layouts, e.g. negatives, keep the masked means)."""
+        w = float((0.5 if self.top1 else 0.0) if self.layout is None else self.layout)  # the layouts' share
+        cos = self.similarity(feats, masks, protos, b, idx) if w < 1 else 0  # [C, N]
+        if w > 0 and layouts and layouts[0].shape[-3] == n:  # (negative classes have none)
+            lay = layout_similarity(feats, masks, layouts[-self.n_levels(len(layouts)) :], idx)
+            cos = (1 - w) * cos + w * lay
+        elif w >= 1:
+            cos = self.similarity(feats, masks, protos, b, idx)
+        return cos
+
+    def score(self, cos: Tensor, cobj: Tensor, idx: Tensor, b: int) -> Tensor:
+        """The verified scores ``[C, N]`` of the candidates from their similarities ``cos`` ``[C, N]``, objectness
+        ``cobj`` ``[C]`` and images ``idx`` ``[C]`` (of ``b``): similarity and objectness powers, the classes'
+        competition (:attr:`top1`), the calibration power (:attr:`gamma`) and one instance per scene (:attr:`once`).
+        """
         obj_power = float((0.5 if self.top1 else 1.0) if self.obj_power is None else self.obj_power)
         score = cos.clamp_min(0).pow(self.sim_power) * cobj.to(cos).pow(obj_power)[:, None]
         if self.top1:
@@ -351,8 +403,7 @@ class CropVerifier:
         if once != 1:
             best = score.new_zeros((b, score.shape[1])).scatter_reduce(0, idx[:, None].expand_as(score), score, "amax")
             score = torch.where(score >= best[idx], score, score * once)
-        out[idx, 4:, col] = score.to(y.dtype)
-        return out
+        return score
 
     def count_votes(self, crops: Tensor, masks: Tensor, idx: Tensor, descriptors: Sequence[Sequence[Tensor]]) -> Tensor:
         """Votes ``[C, N]`` of each candidate crop's keypoints for each class (:func:`keypoint_votes`), the classes'
