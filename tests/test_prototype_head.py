@@ -278,3 +278,20 @@ def test_top1_is_a_run_setting_of_verification():
 
     with pytest.raises(ValueError, match="top1='yes' must be True or False"):
         check_settings({"top1": "yes"})
+
+
+def test_verification_in_chunks_gives_the_same_scores():
+    # Ultralytics predicts a list of paths as one batch: the verifier runs CenterNet and the trunk over it in chunks
+    import dataclasses
+
+    m = FewShotYOLO()
+    scene, _, cat = _pasted_scene()
+    m.set_references({"cat": [cat]})
+    net = m.model.eval()
+    x = torch.from_numpy(np.stack([scene, scene[::-1].copy(), scene[:, ::-1].copy()])).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        whole = net(x)[0]
+        net.verifier = dataclasses.replace(net.verifier, chunk=1)  # one image per CenterNet pass, 16 crops per trunk
+        chunked = net(x)[0]
+    assert whole.shape == chunked.shape and whole[:, 4].amax() > 0.1
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)

@@ -53,10 +53,14 @@ def references(root: Path, names: dict, out: Path, detail: list[int]) -> None:
             cv2.imwrite(str(d / f"{int(i):06d}_s{side}.png"), cv2.resize(crop, small, interpolation=cv2.INTER_AREA))
 
 
-def record(model, scenes: list[Path], refs: Path, imgsz: int) -> list[dict]:
-    """Every scene's verified candidates: ``box`` [C, 4] (input px), ``obj`` [C], ``score`` [C, N]."""
+def record(model, scenes: list[Path], refs: Path, imgsz: int, **settings) -> list[dict]:
+    """Every scene's verified candidates: ``box`` [C, 4] (input px), ``obj`` [C], ``score`` [C, N]; ``settings``:
+    :class:`~yolo_fewshot.nn.verify.CropVerifier` fields to change (e.g. ``centernet_topk=20``)."""
+    import dataclasses
+
     model.set_references(str(refs))
     model.model.set_verify(True, top1=True)
+    model.model.verifier = dataclasses.replace(model.model.verifier, **settings)
     verifier, rows = model.model.verifier, []
     candidates, score = verifier.candidates, verifier.score
 
@@ -156,6 +160,8 @@ def main() -> None:
     ap.add_argument("--data", default=str(ROOT / "data" / "stamps"), help="the benchmark's folder")
     ap.add_argument("--ref-detail", type=int, nargs="*", default=[], help="add shrunk copies of each reference (px)")
     ap.add_argument("--agnostic", action="store_true", help="merge detections whatever their class")
+    ap.add_argument("--centernet-topk", type=int, default=None, help="CenterNet candidates per image")
+    ap.add_argument("--topk", type=int, default=None, help="the head's candidates per image")
     ap.add_argument("--fp", type=float, default=0.2, help="false positives per scene allowed")
     ap.add_argument("--conf", type=float, default=0.25)
     ap.add_argument("--imgsz", type=int, default=320)
@@ -175,7 +181,8 @@ def main() -> None:
     refs = Path(tempfile.mkdtemp(prefix="probe_found_refs_"))
     try:
         references(root, names, refs, args.ref_detail)
-        scenes = record(model, [root / "images" / "test" / n for n in truth], refs, args.imgsz)
+        settings = {k: v for k, v in (("centernet_topk", args.centernet_topk), ("topk", args.topk)) if v is not None}
+        scenes = record(model, [root / "images" / "test" / n for n in truth], refs, args.imgsz, **settings)
     finally:
         shutil.rmtree(refs, ignore_errors=True)
     index = {v: k for k, v in model.model.names.items()}
@@ -184,6 +191,8 @@ def main() -> None:
         "model": args.model or "shipped",
         "ref_detail": args.ref_detail,
         "agnostic": args.agnostic,
+        "centernet_topk": args.centernet_topk,
+        "topk": args.topk,
         **evaluate(scenes, truth, index, args.agnostic, args.fp, args.conf),
     }
     print(json.dumps(result, indent=1))
