@@ -162,6 +162,7 @@ def main() -> None:
     ap.add_argument("--agnostic", action="store_true", help="merge detections whatever their class")
     ap.add_argument("--centernet-topk", type=int, default=None, help="CenterNet candidates per image")
     ap.add_argument("--topk", type=int, default=None, help="the head's candidates per image")
+    ap.add_argument("--size", type=int, default=None, help="verification crop side (px)")
     ap.add_argument("--fp", type=float, default=0.2, help="false positives per scene allowed")
     ap.add_argument("--conf", type=float, default=0.25)
     ap.add_argument("--imgsz", type=int, default=320)
@@ -181,7 +182,8 @@ def main() -> None:
     refs = Path(tempfile.mkdtemp(prefix="probe_found_refs_"))
     try:
         references(root, names, refs, args.ref_detail)
-        settings = {k: v for k, v in (("centernet_topk", args.centernet_topk), ("topk", args.topk)) if v is not None}
+        given = (("centernet_topk", args.centernet_topk), ("topk", args.topk), ("size", args.size))
+        settings = {k: v for k, v in given if v is not None}
         scenes = record(model, [root / "images" / "test" / n for n in truth], refs, args.imgsz, **settings)
     finally:
         shutil.rmtree(refs, ignore_errors=True)
@@ -193,6 +195,7 @@ def main() -> None:
         "agnostic": args.agnostic,
         "centernet_topk": args.centernet_topk,
         "topk": args.topk,
+        "size": args.size,
         **evaluate(scenes, truth, index, args.agnostic, args.fp, args.conf),
     }
     print(json.dumps(result, indent=1))
