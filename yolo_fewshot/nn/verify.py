@@ -364,7 +364,13 @@ class CropVerifier:
         n_crops = 16 * max(1, self.chunk)
         parts = [trunk(crops[i : i + n_crops]) for i in range(0, len(crops), n_crops)]
         feats = [torch.cat(level) for level in zip(*parts)]
-        cos = self.appearance(feats, masks, protos, layouts, b, idx, n)
+        w = float((0.5 if self.top1 else 0.0) if self.layout is None else self.layout)  # the layouts' share
+        cos = self.similarity(feats, masks, protos, b, idx) if w < 1 else 0  # [C, N]
+        if w > 0 and layouts and layouts[0].shape[-3] == n:  # (negative classes have none)
+            lay = layout_similarity(feats, masks, layouts[-self.n_levels(len(layouts)) :], idx)
+            cos = (1 - w) * cos + w * lay
+        elif w >= 1:
+            cos = self.similarity(feats, masks, protos, b, idx)
         wv = float((0.1 if self.top1 else 0.0) if self.votes is None else self.votes)
         # (votes need two classes with descriptors: with one, no SIFT pass is spent, see keypoint_votes)
         if (
@@ -374,27 +380,6 @@ class CropVerifier:
             and any(sum(len(t) > 0 for t in r) > 1 for r in descriptors)
         ):
             cos = cos + wv * torch.log1p(self.count_votes(crops, masks, idx, descriptors)).to(cos)
-        return cos
-
-    def appearance(
-        self,
-        feats: list[Tensor],
-        masks: Tensor,
-        protos: list[Tensor],
-        layouts: Sequence[Tensor] | None,
-        b: int,
-        idx: Tensor,
-        n: int,
-    ) -> Tensor:
-        """The crops' masked-mean cosine ``[C, N]`` with ``protos``, mixed with their layouts' cosine with
-        ``layouts`` (:attr:`layout`; classes without layouts, e.g. negatives, keep the masked means)."""
-        w = float((0.5 if self.top1 else 0.0) if self.layout is None else self.layout)  # the layouts' share
-        cos = self.similarity(feats, masks, protos, b, idx) if w < 1 else 0  # [C, N]
-        if w > 0 and layouts and layouts[0].shape[-3] == n:  # (negative classes have none)
-            lay = layout_similarity(feats, masks, layouts[-self.n_levels(len(layouts)) :], idx)
-            cos = (1 - w) * cos + w * lay
-        elif w >= 1:
-            cos = self.similarity(feats, masks, protos, b, idx)
         return cos
 
     def score(self, cos: Tensor, cobj: Tensor, idx: Tensor, b: int) -> Tensor:
