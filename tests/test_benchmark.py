@@ -12,6 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from ultralytics.data.utils import check_det_dataset
 
 from yolo_fewshot.data import benchmark as bm
@@ -255,6 +256,11 @@ def test_demo_train_path(tmp_path, monkeypatch):
     report = json.loads((out / "results.json").read_text())
     assert report["model"].endswith("last.pt") and (out / "train" / "weights" / "last.pt").is_file()
     assert [r["shots"] for r in report["validation"]] == [1, 3]
+    # the run's checkpoint carries the COCO centre of its training classes' references (category search)
+    from yolo_fewshot.checkpoint import read_checkpoint
+
+    center = read_checkpoint(out / "train" / "weights" / "last.pt")["model"].coco_center
+    assert center.ndim == 1 and center.shape[0] > 0 and torch.isfinite(center).all()
 
 
 def test_found_and_false_positives_on_hand_cases():

@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, help="tools/run_benchmark.py results.json of the same run")
     ap.add_argument("--command", required=True, help="the exact training command (for the card)")
     ap.add_argument("--hardware", default="2 CPU cores (AMD EPYC), no GPU, torch 2.14.1, ultralytics 8.4.190")
+    ap.add_argument("--data", type=Path, help="the training data YAML: computes the COCO centre when the run has none")
     a = ap.parse_args(argv)
 
     import yolo_fewshot  # noqa: F401  (registration, safe loading)
@@ -32,6 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     from yolo_fewshot.nn.detector import FewShotDetectionModel
     from yolo_fewshot.pretrained import save_pretrained, sha256_of
 
+    if a.checkpoint.suffix == ".safetensors":  # a released file again (e.g. to add the COCO centre): card kept
+        from yolo_fewshot.pretrained import load_pretrained, read_card
+
+        model = load_pretrained(a.checkpoint)
+        card = {**read_card(a.checkpoint), "command": a.command}
+        _coco_center(model, a.data)
+        path = save_pretrained(model, a.out, card)
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB), sha256 {sha256_of(path)}")
+        return 0
     ck = read_checkpoint(a.checkpoint)
     trained = (ck.get("ema") or ck["model"]).float().eval()
     # Ultralytics stores checkpoints in fp16, the frozen trunk included; the shipped file rebuilds the trunk from its
@@ -53,9 +63,23 @@ def main(argv: list[str] | None = None) -> int:
         "limits": "trained on pasted cut-outs: its own objectness does not transfer to real photographs (see the "
         "README's real-photo set); few-shot detection of categories, not open-vocabulary; 320 px training",
     }
+    model.coco_center = getattr(trained, "coco_center", None)
+    _coco_center(model, a.data)
     path = save_pretrained(model, a.out, card)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB), sha256 {sha256_of(path)}")
     return 0
+
+
+def _coco_center(model, data: Path | None) -> None:
+    """Give ``model`` the COCO centre of its training data (``data``) when it has none (a run from before it)."""
+    if getattr(model, "coco_center", None) is not None or data is None:
+        return
+    from ultralytics.data.utils import check_det_dataset
+
+    from yolo_fewshot.engine.train import training_coco_center
+
+    model.coco_center = training_coco_center(model, check_det_dataset(str(data)))
+    print(f"COCO centre from {data}'s base classes' references")
 
 
 if __name__ == "__main__":

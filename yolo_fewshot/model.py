@@ -275,9 +275,10 @@ class FewShotYOLO(Model):
         # layout descriptors (instance verification) come from the detector's own trunk, which verification uses
         lay_fn = self.model.reference_layouts if self.model.can_verify else None
         # and so do the crops' SIFT descriptors (keypoint votes)
+        # and the COCO embeddings (category search's second view) come from the verifier's CenterNet
         bank = build_bank(
             self.encoder, refs, negatives, method, keypoints=bool(keypoints), layouts=lay_fn,
-            descriptors=self.model.can_verify,
+            descriptors=self.model.can_verify, coco=self.model.reference_coco if self.model.can_verify else None,
         )  # fmt: skip
         levels = len(self.model.proto_dims)
         negatives, negative_of = bank.negative_prototypes(levels)
@@ -286,6 +287,7 @@ class FewShotYOLO(Model):
         self.model.set_layouts(class_layouts([c.layouts for c in bank.classes.values()], levels))
         desc = [c.descriptors for c in bank.classes.values()]
         self.model.set_descriptors([torch.cat(d) for d in desc] if all(desc) else None)
+        self.model.set_coco(bank.coco_prototypes())
         self.model.reference_thumbnails = {
             n: c.thumbnail.numpy() for n, c in bank.classes.items() if c.thumbnail is not None
         }

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -23,7 +24,7 @@ from .nn.detector import FewShotDetectionModel
 #: The shipped model (package data, ``data/weights/`` in a source checkout) and its sha256.
 DEFAULT_MODEL = "yolofs-lite0-fold0.safetensors"
 SHIPPED_SHA256: dict[str, str] = {
-    "yolofs-lite0-fold0.safetensors": "3ceb46b17dc66ac6ba81a813f857291927abbd20827b481d43d4db224779553e",
+    "yolofs-lite0-fold0.safetensors": "eccb5e42ac7a26f2b08d51d3956a48d201059a655f6ca88a1b89e3a911a3afe5",
 }
 
 
@@ -88,6 +89,9 @@ def save_pretrained(model: FewShotDetectionModel, path: str | Path, card: dict[s
         "trunk_digest": tensor_digest(trunk) if trunk else "",
         "card": json.dumps(card or {}),
     }
+    center = getattr(model, "coco_center", None)  # category search's COCO centre, a statistic of the training data
+    if center is not None:
+        meta["coco_center"] = json.dumps([round(float(v), 6) for v in center])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -132,5 +136,13 @@ def load_pretrained(path: str | Path, verbose: bool = False) -> FewShotDetection
             "install the pinned version (pip install -c constraints.txt .)"
         )
     model.load_state_dict({**trunk, **{k: v.to(trained[k].dtype) for k, v in state.items()}})
+    if meta.get("coco_center"):
+        try:
+            center = torch.tensor(json.loads(meta["coco_center"]), dtype=torch.float32)
+        except (ValueError, TypeError):
+            raise ValueError(f"{path}: its coco_center metadata is not a list of numbers") from None
+        if center.ndim != 1 or not torch.isfinite(center).all():
+            raise ValueError(f"{path}: its coco_center metadata must be a finite [D] vector, got {tuple(center.shape)}")
+        model.coco_center = center
     model.pt_path = str(path)
     return model.float().eval()

@@ -9,6 +9,7 @@ slots — so Ultralytics' loss, EMA, schedulers, checkpoints, ``resume`` and cal
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from copy import copy
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,46 @@ def training_finished(last: str | Path) -> bool:
     if not Path(last).is_file():
         return False
     return read_checkpoint(last).get("epoch") == -1  # a safe load (yolo_fewshot/checkpoint.py)
+
+
+@torch.no_grad()
+def training_coco_center(
+    model: FewShotDetectionModel, data: dict, classes: Sequence[int] | None = None, limit: int = 256, seed: int = 0
+) -> torch.Tensor:
+    """The centre of a model's COCO embeddings (:mod:`~yolo_fewshot.nn.coco_embedding`): the mean embedding of the
+    reference instances of its training classes — the data's support split (``support:``, default ``train``), at
+    most ``limit`` instances drawn by ``seed`` — cropped as references are.
+
+    Args:
+        model: The detector (its :meth:`~yolo_fewshot.nn.detector.FewShotDetectionModel.reference_coco`).
+        data: The Ultralytics data dict (``check_det_dataset``'s).
+        classes: The training classes (default: the split's base classes).
+        limit: Instances at most.
+        seed: Which ones, when there are more.
+
+    Returns:
+        ``[D]``.
+    """
+    import numpy as np
+    from ultralytics.cfg import get_cfg
+    from ultralytics.data import build_yolo_dataset
+
+    from ..data.support import _instances
+    from ..nn.coco_embedding import coco_center
+    from ..references.crops import make_crop
+
+    split = FewShotSplit.from_data(data)
+    classes = list(split.base if classes is None else classes)
+    ds = build_yolo_dataset(get_cfg(overrides={"imgsz": 320}), split.support_source(data), 1, data, mode="val")
+    items = _instances(ds.labels, classes, 2.0)[0]
+    if not items:
+        raise ValueError(f"no instance of the training classes {classes} in the support split '{split.support}'")
+    pick = sorted(np.random.default_rng(seed).permutation(len(items))[:limit].tolist())
+    out = []
+    for i in range(0, len(pick), 32):
+        crops, masks = zip(*(make_crop(*items[j], 224, 0.1) for j in pick[i : i + 32]))
+        out.append(model.reference_coco(torch.stack(crops), torch.stack(masks)))
+    return coco_center(torch.cat(out))
 
 
 def cache_dir(args: Any, data: dict) -> Path:
@@ -113,6 +154,12 @@ class FewShotTrainer(DetectionTrainer):
         """Hyper-parameters and the class split travel with the model (its names stay the references')."""
         self.model.args = self.args
         self.model.yaml["fewshot"] = {"names": dict(self.split.names), "novel": list(self.split.novel)}
+        model = unwrap_model(self.model)
+        if model.can_verify and getattr(model, "coco_center", None) is None:  # category search's COCO embedding
+            try:
+                model.coco_center = training_coco_center(model, self.data, self.trained_classes, seed=self.args.seed)
+            except ValueError as e:  # no usable reference instance: category search stays uncentred, training goes on
+                LOGGER.warning(f"few-shot: no COCO centre ({e}); category search compares uncentred COCO embeddings")
 
     @property
     def trained_classes(self) -> tuple[int, ...]:

@@ -69,6 +69,7 @@ class FewShotValidator(DetectionValidator):
                 list(fs.__dict__.get("keypoints") or []),
                 fs.__dict__.get("layouts"),
                 fs.__dict__.get("descriptors"),
+                fs.__dict__.get("coco_prototypes"),
             )
             fs._negative_of = []  # validation binds its own per-image prototypes of every class, without negatives
         self.fs_model = fs
@@ -114,13 +115,16 @@ class FewShotValidator(DetectionValidator):
         table = instance_table(
             ds.labels, list(self.split.names), encoder, cache_dir(self.args, self.data), self.args.views
         )
-        self._layouts, self._descriptors = self._support_descriptors(ds.labels, encoder.spec.input_size)
+        self._layouts, self._descriptors, self._coco = self._support_descriptors(ds.labels, encoder.spec.input_size)
         return table
 
-    def _support_descriptors(self, labels: list[dict], size: int) -> tuple[list[torch.Tensor] | None, list | None]:
+    def _support_descriptors(
+        self, labels: list[dict], size: int
+    ) -> tuple[list[torch.Tensor] | None, list | None, torch.Tensor | None]:
         """Layout descriptors of every support instance (the table's order), per level ``[J, 2, D_l]``, and each
         instance's crop descriptors ``[P_j, 128]``, when this validation verifies instance search
-        (:mod:`~yolo_fewshot.nn.layout`, :mod:`~yolo_fewshot.nn.keypoint_votes`); None for what it does not use."""
+        (:mod:`~yolo_fewshot.nn.layout`, :mod:`~yolo_fewshot.nn.keypoint_votes`), and their COCO embeddings ``[J, D]``
+        when it verifies category search (:mod:`~yolo_fewshot.nn.coco_embedding`); None for what it does not use."""
         from ..data.support import _instances
         from ..nn.keypoint_votes import reference_descriptors
         from ..references.crops import make_crop
@@ -128,20 +132,23 @@ class FewShotValidator(DetectionValidator):
         fs = self.fs_model
         verifier = fs.__dict__.get("verifier")
         if verifier is None:
-            return None, None
+            return None, None, None
         lay_on = bool(verifier.top1 if verifier.layout is None else verifier.layout)
         votes_on = bool(verifier.top1 if verifier.votes is None else verifier.votes)
+        coco_on = bool((not verifier.top1) if verifier.coco is None else verifier.coco)
         items = _instances(labels, list(self.split.names), 2.0)[0]  # instance_table's order
-        lay, desc = [], []
-        for i in range(0, len(items), 32) if lay_on or votes_on else ():
+        lay, desc, coco = [], [], []
+        for i in range(0, len(items), 32) if lay_on or votes_on or coco_on else ():
             crops, masks = zip(*(make_crop(im, box, size, 0.1) for im, box in items[i : i + 32]))
             crops, masks = torch.stack(crops), torch.stack(masks)
             if lay_on:
                 lay.append(fs.reference_layouts(crops, masks))
             if votes_on:
                 desc += reference_descriptors(crops, masks)
+            if coco_on:
+                coco.append(fs.reference_coco(crops, masks))
         lay = [torch.cat([o[lv] for o in lay]) for lv in range(len(lay[0]))] if lay else None
-        return lay, (desc if votes_on and items else None)
+        return lay, (desc if votes_on and items else None), (torch.cat(coco) if coco else None)
 
     def _prepare_draw(self) -> None:
         """Seeded order of candidate references per class; the default K-shot prototype of each class."""
@@ -212,6 +219,15 @@ class FewShotValidator(DetectionValidator):
                 [torch.stack([torch.stack([r[c][lv] for c in range(len(classes))]) for r in rows]) for lv in
                  range(len(lay))]
             )  # fmt: skip
+        # the COCO embeddings (category search) of each class's drawn references, averaged
+        coco = getattr(self, "_coco", None) if self._support is None else None
+        self.fs_model.coco_prototypes = None
+        if coco is not None:
+            self.fs_model.set_coco(torch.stack([
+                torch.stack([coco[idx].mean(0) if (idx := self._drawn(c, im if used_im[c] else None)) else
+                             coco.new_zeros(coco.shape[1]) for c in classes])
+                for im, used_im in zip(batch["im_file"], used_per_image)
+            ]))  # fmt: skip
         # and the crops' SIFT descriptors (keypoint votes) of each class's drawn references
         desc = getattr(self, "_descriptors", None) if self._support is None else None
         self.fs_model.descriptors = None
@@ -293,8 +309,11 @@ class FewShotValidator(DetectionValidator):
     def restore_model(self) -> None:
         """Give the model back its own references and names (validation binds per-image ones of every class)."""
         if self.fs_model is not None and getattr(self, "_saved_state", None) is not None:
-            self.fs_model._protos, self.fs_model.names, self.fs_model._negative_of, kps, lay, desc = self._saved_state
+            self.fs_model._protos, self.fs_model.names, self.fs_model._negative_of, kps, lay, desc, coco = (
+                self._saved_state
+            )
             self.fs_model.keypoints, self.fs_model.layouts, self.fs_model.descriptors = kps, lay, desc
+            self.fs_model.coco_prototypes = coco
             self.fs_model = None
 
     def print_fewshot_summary(self) -> None:

@@ -110,6 +110,7 @@ class FewShotDetectionModel(DetectionModel):
         self.keypoints = []  # new classes: the references' keypoints, if any, are set with them (set_keypoints)
         self.layouts = None  # and their layout descriptors (set_layouts)
         self.descriptors = None  # and their crops' SIFT descriptors (set_descriptors)
+        self.coco_prototypes = None  # and their COCO embeddings (set_coco)
 
     def set_keypoints(self, keypoints: Sequence[Sequence[KeypointTemplate]]) -> None:
         """Per class (in the prototypes' order), the SIFT keypoints of its references, for ``keypoints`` proposals
@@ -152,6 +153,40 @@ class FewShotDetectionModel(DetectionModel):
         if bad:
             raise ValueError(f"descriptors of shape {bad[0]}; expected [P, 128] (SIFT) per class")
         self.descriptors = [[t.float().cpu() for t in r] for r in rows]
+
+    def set_coco(self, embeddings: Tensor | None) -> None:
+        """The classes' COCO embeddings ``[B|1, N, D]`` or ``[N, D]`` (the mean of each class's references',
+        :mod:`~yolo_fewshot.nn.coco_embedding`), mixed into category search's similarity; None clears them. Set after
+        :meth:`set_prototypes`, which clears them."""
+        if embeddings is None:
+            self.coco_prototypes = None
+            return
+        t = embeddings[None] if embeddings.ndim == 2 else embeddings
+        if self.prototypes is None or t.ndim != 3 or t.shape[1] != len(self.names):
+            raise ValueError(
+                f"COCO embeddings of shape {tuple(embeddings.shape)}; expected [B|1, {len(self.names)}, D] for the "
+                f"model's {len(self.names)} classes"
+            )
+        self.coco_prototypes = t.float().to(next(self.parameters()).device)
+
+    @property
+    def coco(self) -> tuple[Tensor, Tensor | None] | None:
+        """What the verifier's COCO embedding needs: the classes' embeddings and the model's centre (``coco_center``,
+        a statistic of its training classes' reference photos, :func:`~yolo_fewshot.nn.coco_embedding.coco_center`;
+        None for a model trained before it existed: uncentred), or None without embeddings."""
+        protos = self.__dict__.get("coco_prototypes")
+        return None if protos is None else (protos, self.__dict__.get("coco_center"))
+
+    @torch.no_grad()
+    def reference_coco(self, crops: Tensor, masks: Tensor) -> Tensor:
+        """COCO embeddings ``[K, D]`` of reference crops ``[K, 3, S, S]`` (masks ``[K, 1, S, S]``), at the verifier's
+        crop size (the candidates' scale), CPU."""
+        from .coco_embedding import coco_embed
+
+        size = self.verifier.size if self.__dict__.get("verifier") is not None else CropVerifier.size
+        crops = torch.nn.functional.interpolate(crops.float(), size=(size, size), mode="bilinear", antialias=True)
+        masks = torch.nn.functional.interpolate(masks.float(), size=(size, size), mode="nearest")
+        return coco_embed(crops, masks).cpu()
 
     @torch.no_grad()
     def reference_layouts(self, crops: Tensor, masks: Tensor) -> list[Tensor]:
@@ -224,7 +259,7 @@ class FewShotDetectionModel(DetectionModel):
             and not torch._C._is_torch_function_mode_enabled()
         ):
             kps, lay, desc = (self.__dict__.get(k) for k in ("keypoints", "layouts", "descriptors"))
-            out = verifier(self.model[0], x, out[0], out[1]["obj"], self.prototypes, kps, lay, desc), out[1]
+            out = verifier(self.model[0], x, out[0], out[1]["obj"], self.prototypes, kps, lay, desc, self.coco), out[1]
         neg = self.__dict__.get("_negative_of") or []
         if not neg or self.training:
             return out

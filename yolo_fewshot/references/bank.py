@@ -57,6 +57,9 @@ class ClassReferences:
     # SIFT descriptors of each reference's crop and its mirror image [P_k, 128] (may be none;
     # yolo_fewshot.nn.keypoint_votes): instance search counts the candidates' keypoints that vote for the class
     descriptors: list[Tensor] = field(default_factory=list)
+    # COCO embedding of each reference [K, D] (may be none; yolo_fewshot.nn.coco_embedding): category search mixes its
+    # cosine into the candidates' similarity
+    coco: Tensor | None = None
 
     @property
     def k(self) -> int:
@@ -119,10 +122,12 @@ class ReferenceBank:
         keypoints: Sequence[KeypointTemplate] = (),
         layouts: Sequence[Tensor] = (),
         descriptors: Sequence[Tensor] = (),
+        coco: Tensor | None = None,
     ) -> None:
         """Add a class (its per-level ``[K, M, D_l]`` embeddings, optional negatives, keypoints of its references
-        for ``proposals=...+keypoints``, layout descriptors ``[K, 2, G * G * D_l]`` per level and each reference's
-        crop descriptors ``[P_k, 128]`` for keypoint votes); other classes are untouched.
+        for ``proposals=...+keypoints``, layout descriptors ``[K, 2, G * G * D_l]`` per level, each reference's
+        crop descriptors ``[P_k, 128]`` for keypoint votes and their COCO embeddings ``[K, D]``); other classes are
+        untouched.
 
         Raises:
             ValueError: Empty or duplicate name, no reference, wrong shape, NaN.
@@ -156,8 +161,15 @@ class ReferenceBank:
                                  "expected [P, 128]")  # fmt: skip
             check_values(t, f"descriptors of class '{name}'")
             desc.append(t.contiguous())
+        if coco is not None:
+            coco = torch.as_tensor(coco).float()
+            if coco.ndim != 2 or coco.shape[0] != emb[0].shape[0]:
+                raise ValueError(f"COCO embeddings of class '{name}' have shape {tuple(coco.shape)}; expected "
+                                 f"[{emb[0].shape[0]}, D]")  # fmt: skip
+            check_values(coco, f"COCO embeddings of class '{name}'")
+            coco = coco.contiguous()
         self.classes[name] = ClassReferences(
-            emb, list(sources or []), neg, list(negative_sources or []), thumbnail, list(keypoints), lay, desc
+            emb, list(sources or []), neg, list(negative_sources or []), thumbnail, list(keypoints), lay, desc, coco
         )
 
     def remove(self, name: str) -> None:
@@ -180,6 +192,14 @@ class ReferenceBank:
         for p in out:
             check_values(p, f"prototypes ({method}) of classes {self.names}")
         return out
+
+    def coco_prototypes(self) -> Tensor | None:
+        """The classes' COCO embeddings ``[N, D]`` (each the mean of its references'), or None unless every class has
+        them with one width."""
+        coco = [c.coco for c in self.classes.values()]
+        if not coco or any(t is None for t in coco) or len({t.shape[1] for t in coco}) > 1:
+            return None
+        return torch.stack([t.mean(0) for t in coco])
 
     def negative_prototypes(
         self, levels: int | None = None, method: str | None = None
@@ -228,6 +248,8 @@ class ReferenceBank:
                 tensors[f"c{i}.layout.l{lv}"] = t
             for j, t in enumerate(c.descriptors):
                 tensors[f"c{i}.desc{j}"] = t
+            if c.coco is not None:
+                tensors[f"c{i}.coco"] = c.coco
             classes.append(
                 {
                     "name": name,
@@ -322,7 +344,8 @@ class ReferenceBank:
                 raise ValueError(f"class '{name}' lists descriptors but the file has no tensor {missing[0]}")
             desc = [tensors[f"c{i}.desc{j}"] for j in range(n_desc)]
             thumb = tensors.get(f"c{i}.thumb")
-            bank.add(name, pos, c.get("sources"), neg, c.get("negative_sources"), thumb, kps, lay, desc)
+            coco = tensors.get(f"c{i}.coco")
+            bank.add(name, pos, c.get("sources"), neg, c.get("negative_sources"), thumb, kps, lay, desc, coco)
         return bank
 
     def __repr__(self) -> str:

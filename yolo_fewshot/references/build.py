@@ -188,6 +188,7 @@ def build_bank(
     keypoints: bool = False,
     layouts: Callable[[Tensor, Tensor], list[Tensor]] | None = None,
     descriptors: bool = False,
+    coco: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> ReferenceBank:
     """Build (or load) a reference bank.
 
@@ -203,6 +204,8 @@ def build_bank(
             detector's :meth:`~yolo_fewshot.nn.detector.FewShotDetectionModel.reference_layouts`), kept per class.
         descriptors: Also keep the SIFT descriptors of each reference crop and its mirror image, for instance
             verification's keypoint votes (:mod:`~yolo_fewshot.nn.keypoint_votes`; ~5 ms a reference).
+        coco: COCO embeddings ``[K, D]`` of reference crops and masks (the detector's
+            :meth:`~yolo_fewshot.nn.detector.FewShotDetectionModel.reference_coco`), kept per class for category search.
 
     Returns:
         The bank, checked against ``encoder``.
@@ -241,7 +244,8 @@ def build_bank(
         kps = [_keypoints(img, box) for img, box in its] if keypoints else []
         lay = layouts(crops, masks) if layouts is not None else []
         desc = reference_descriptors(crops, masks) if descriptors else []
-        bank.add(name, emb, src, neg, nsrc, thumbnail(crops[0]), kps, lay, desc)
+        cemb = coco(crops, masks) if coco is not None else None
+        bank.add(name, emb, src, neg, nsrc, thumbnail(crops[0]), kps, lay, desc, cemb)
     return bank
 
 
