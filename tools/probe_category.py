@@ -3,6 +3,7 @@
     python tools/probe_category.py --fold 1            # K=5, levels P3-P5 of the ImageNet EfficientNet-Lite0 trunk
     python tools/probe_category.py --fold 1 --clutter  # the scenes' unlabelled distractors ranked too (negatives)
     python tools/probe_category.py --fold 1 --clutter --trunk centernet --center   # the COCO CenterNet's trunk
+    python tools/probe_category.py --fold 1 --clutter --coco-share 0.25   # Lite0 mixed with CenterNet's c4 (centred)
 
 For each novel class of the fold: its prototype is the mean of the first K support objects' crop embeddings (masked
 means, as references are encoded); every labelled object of the validation scenes, cropped at its ground-truth box,
@@ -19,6 +20,8 @@ Measured (K=5, ``--clutter``; Lite0 P5 / centred / CenterNet c4 centred / learne
 (vehicles, military) 0.223 / 0.192 / 0.293 / 0.305; fold 0 0.349 / 0.385 / 0.313 / 0.351; fold 2 0.534 / 0.540 /
 0.161 / 0.550. Folds 0 / 1 / 2: trunk's last two stages fine-tuned (``--tune-steps 400``) 0.287 / 0.224 / 0.470;
 nearest of the K references (``--combine max``) 0.366 / 0.243 / 0.523 (README, "Why fold 1's categories stay low").
+Lite0 P5 mixed with CenterNet's c4 cosine, a quarter of it (``--coco-share 0.25``, category search's default in the
+detector): 0.418 / 0.260 / 0.502.
 """
 
 from __future__ import annotations
@@ -219,6 +222,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tune-steps", type=int, default=0, help="fine-tune the trunk's last blocks first (0: frozen)")
     ap.add_argument("--tune-lr", type=float, default=1e-4)
     ap.add_argument("--tune-from", type=int, default=11, help="first Lite0 block fine-tuned (11: the last 2 stages)")
+    ap.add_argument("--coco-share", type=float, default=0.0,
+                    help="also rank by the mean of each level's cosine and the COCO CenterNet's c4 cosine (centred on "
+                         "the training objects), this share of it (0: not)")  # fmt: skip
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     cfg = yaml.safe_load((Path(a.data) / f"fold{a.fold}.yaml").read_text())
@@ -242,6 +248,10 @@ def main(argv: list[str] | None = None) -> dict:
         for lv in range(3):
             metric = learn_metric(t_emb[lv], t_cls, a.metric_steps, a.metric_lr)
             s_emb[lv], q_emb[lv] = metric(s_emb[lv]), metric(q_emb[lv])
+    if a.coco_share:  # the second view of category search (yolo_fewshot.nn.coco_embedding), centred as --center does
+        coco_of = trunk_levels("centernet")
+        centre = F.normalize(embed(coco_of, objects(root, "train", True)[:1000])[1], dim=-1).mean(0)
+        s_coco, q_coco = (F.normalize(embed(coco_of, x)[1], dim=-1) - centre for x in (support, val))
     s_cls, q_cls = np.array([c for _, c, _ in support]), np.array([c for _, c, _ in val])
     counts = ", ".join(f"{names[c]} {(q_cls == c).sum()}" for c in novel)
     n_clutter = int((q_cls < 0).sum())
@@ -253,6 +263,11 @@ def main(argv: list[str] | None = None) -> dict:
         if a.combine == "mean":  # one prototype per class: the mean of its K references
             protos = torch.stack([F.normalize(r.mean(0), dim=-1) if len(r) else torch.zeros(q.shape[1]) for r in refs])
             cos = (q @ protos.T).numpy()  # [objects, classes]
+            if a.coco_share:
+                cq = F.normalize(q_coco, dim=-1)
+                cp = torch.stack([F.normalize(s_coco[np.flatnonzero(s_cls == c)[: a.k]].mean(0), dim=-1)
+                                  for c in range(len(names))])  # fmt: skip
+                cos = (1 - a.coco_share) * cos + a.coco_share * (cq @ cp.T).numpy()
         else:  # nearest reference: each object scored by its most similar of the class's K references
             cos = torch.stack([(q @ r.T).amax(1) if len(r) else torch.full((len(q),), -1.0) for r in refs], 1).numpy()
         nearest = cos.argmax(1)
