@@ -135,7 +135,7 @@ class FewShotValidator(DetectionValidator):
             return None, None, None
         lay_on = bool(verifier.top1 if verifier.layout is None else verifier.layout)
         votes_on = bool(verifier.top1 if verifier.votes is None else verifier.votes)
-        coco_on = bool((not verifier.top1) if verifier.coco is None else verifier.coco)
+        coco_on = verifier.coco_share > 0
         items = _instances(labels, list(self.split.names), 2.0)[0]  # instance_table's order
         lay, desc, coco = [], [], []
         for i in range(0, len(items), 32) if lay_on or votes_on or coco_on else ():

@@ -411,7 +411,7 @@ class CropVerifier:
             cos = (1 - w) * cos + w * lay
         elif w >= 1:
             cos = self.similarity(feats, masks, protos, b, idx)
-        wc = float((0.0 if self.top1 else 0.25) if self.coco is None else self.coco)  # the COCO embedding's share
+        wc = self.coco_share
         if wc > 0 and coco is not None and coco[0].shape[-2] == n:  # (negative classes have none)
             cos = (1 - wc) * cos + wc * coco_similarity(crops, masks, coco[0], coco[1], b, idx)
         wv = float((0.1 if self.top1 else 0.0) if self.votes is None else self.votes)
@@ -450,6 +450,12 @@ class CropVerifier:
             rows = (idx == i).nonzero()[:, 0].cpu()
             votes[rows] = keypoint_votes([queries[r] for r in rows], descriptors[i if len(descriptors) > 1 else 0])
         return votes.to(crops.device)
+
+    @property
+    def coco_share(self) -> float:
+        """The COCO embedding's share in the similarity (:attr:`coco`; None: 0.25 for category search, 0 for
+        instance search)."""
+        return float((0.0 if self.top1 else 0.25) if self.coco is None else self.coco)
 
     def n_levels(self, available: int) -> int:
         """How many of the last levels are compared (:attr:`levels`; at most ``available``)."""
