@@ -79,3 +79,26 @@ def test_probe_found_counts_found_objects_misses_and_false_positives():
         "part or loose box of an object": 1,
         "clutter": 0,
     }
+
+
+def test_probe_found_hubness_lowers_the_reference_near_everything():
+    import importlib.util
+
+    import numpy as np
+
+    from yolo_fewshot.nn.verify import CropVerifier
+
+    spec = importlib.util.spec_from_file_location("probe_found", TOOLS / "probe_found.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    # reference 0 is near every bank candidate (a hub), reference 1 near none
+    bank = np.array([[0.8, 0.1], [0.7, 0.2], [0.6, 0.0]], np.float32)
+    off = probe.hubness(bank, k=2, lam=1.0)
+    np.testing.assert_allclose(off, [0.3, -0.3], atol=1e-6)  # top-2 means 0.75 / 0.15, centred
+    # a candidate the hub wins by 0.1 goes to reference 1 once the offsets apply
+    scene = {"image": "s.jpg", "box": np.zeros((1, 4), np.float32), "obj": np.ones(1, np.float32),
+             "cos": np.array([[0.7, 0.6]], np.float32)}  # fmt: skip
+    v = CropVerifier(top1=True)
+    before = probe.rescore([scene], np.zeros(2, np.float32), v)[0]["score"]
+    after = probe.rescore([scene], off, v)[0]["score"]
+    assert before.argmax() == 0 and after.argmax() == 1

@@ -16,6 +16,14 @@ class), as ``predict`` does.
     python tools/probe_found.py --fold 0 --ref-detail 48                  # + each reference shrunk to 48 px
     python tools/probe_found.py --fold 1 --model fold1.safetensors --agnostic
 
+``--hubness N`` also records the same search over the first N training scenes of the fold (base classes only: the
+fold's protocol keeps the novel objects out of them) as a bank, and rescores the test record with each reference's
+cosine lowered by ``lam * (h_r - mean h)``, ``h_r`` the mean of its ``k`` highest cosines over the bank's candidates
+(hubness reduction, CSLS: Conneau et al., "Word translation without parallel data", ICLR 2018): a reference that is
+near everything (one apple among many apples) stops taking other objects' candidates.
+
+    python tools/probe_found.py --fold 0 --hubness 120                    # + the bank-corrected scores
+
 ``--ref-detail S [S ...]`` adds, beside each reference photo, a copy shrunk until the object's longer side is S px
 (the benchmark's references are ~210 px, its scene objects ~63 px): the probe behind the README's "views at scene
 detail" measurement.
@@ -24,6 +32,7 @@ detail" measurement.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -54,34 +63,57 @@ def references(root: Path, names: dict, out: Path, detail: list[int]) -> None:
 
 
 def record(model, scenes: list[Path], refs: Path, imgsz: int, **settings) -> list[dict]:
-    """Every scene's verified candidates: ``box`` [C, 4] (input px), ``obj`` [C], ``score`` [C, N]; ``settings``:
+    """Every scene's verified candidates: ``box`` [C, 4] (input px), ``obj`` [C], ``cos`` [C, N] (the similarity
+    before scoring), ``score`` [C, N]; ``settings``:
     :class:`~yolo_fewshot.nn.verify.CropVerifier` fields to change (e.g. ``centernet_topk=20``)."""
-    import dataclasses
-
     model.set_references(str(refs))
     model.model.set_verify(True, top1=True)
     model.model.verifier = dataclasses.replace(model.model.verifier, **settings)
     verifier, rows = model.model.verifier, []
-    candidates, score = verifier.candidates, verifier.score
+    candidates, compare, score = verifier.candidates, verifier.compare, verifier.score
 
     def keep_candidates(*a, **k):
         out = candidates(*a, **k)
         rows.append({"n": a[0].shape[0], "idx": out[1].cpu(), "box": out[3].float().cpu(), "obj": out[4].float().cpu()})
         return out
 
+    def keep_compare(*a, **k):
+        c = compare(*a, **k)
+        rows[-1]["cos"] = c.float().cpu()
+        return c
+
     def keep_score(*a, **k):
         s = score(*a, **k)
         rows[-1]["score"] = s.float().cpu()
         return s
 
-    verifier.candidates, verifier.score = keep_candidates, keep_score  # this instance only
+    verifier.candidates, verifier.compare, verifier.score = keep_candidates, keep_compare, keep_score  # this one only
     names = [Path(r.path).name for r in model.predict([str(s) for s in scenes], imgsz=imgsz, conf=0.25, stream=True,
                                                        verbose=False, batch=1)]  # fmt: skip
     per_image = [  # a call may verify a batch of scenes: one row per scene
-        {k: r[k][r["idx"] == i].numpy() for k in ("box", "obj", "score")} for r in rows for i in range(r["n"])
+        {k: r[k][r["idx"] == i].numpy() for k in ("box", "obj", "cos", "score")} for r in rows for i in range(r["n"])
     ]
     assert len(per_image) == len(names), f"{len(per_image)} verified scenes for {len(names)} predictions"
     return [{"image": n, **r} for n, r in zip(names, per_image)]
+
+
+def hubness(bank: np.ndarray, k: int = 50, lam: float = 0.75) -> np.ndarray:
+    """Per-reference offset ``[N]`` from a bank's similarities ``[M, N]`` (candidates of scenes without the
+    references' objects): ``lam * (h - mean h)``, ``h`` the mean of each reference's ``k`` highest (CSLS)."""
+    h = -np.sort(-bank, 0)[: max(1, min(k, len(bank)))].mean(0)
+    return lam * (h - h.mean())
+
+
+def rescore(scenes: list[dict], offset: np.ndarray, verifier) -> list[dict]:
+    """The scenes' candidates scored again by ``verifier.score`` from their similarities minus ``offset`` ``[N]``."""
+    out = []
+    for s in scenes:
+        if len(s["cos"]):
+            cos = torch.from_numpy((s["cos"] - offset).astype(np.float32))
+            sc = verifier.score(cos, torch.from_numpy(s["obj"]), torch.zeros(len(cos), dtype=torch.long), 1)
+            s = {**s, "score": sc.numpy()}
+        out.append(s)
+    return out
 
 
 def detections(scene: dict, agnostic: bool, iou: float = 0.5) -> list[tuple[int, float, np.ndarray]]:
@@ -163,6 +195,9 @@ def main() -> None:
     ap.add_argument("--centernet-topk", type=int, default=None, help="CenterNet candidates per image")
     ap.add_argument("--topk", type=int, default=None, help="the head's candidates per image")
     ap.add_argument("--size", type=int, default=None, help="verification crop side (px)")
+    ap.add_argument("--hubness", type=int, default=0, help="bank: this many of the fold's training scenes (0: none)")
+    ap.add_argument("--hubness-k", type=int, nargs="*", default=[10, 50], help="the bank's nearest candidates")
+    ap.add_argument("--hubness-lam", type=float, nargs="*", default=[0.5, 0.75, 1.0], help="offset weights")
     ap.add_argument("--fp", type=float, default=0.2, help="false positives per scene allowed")
     ap.add_argument("--conf", type=float, default=0.25)
     ap.add_argument("--imgsz", type=int, default=320)
@@ -185,6 +220,8 @@ def main() -> None:
         given = (("centernet_topk", args.centernet_topk), ("topk", args.topk), ("size", args.size))
         settings = {k: v for k, v in given if v is not None}
         scenes = record(model, [root / "images" / "test" / n for n in truth], refs, args.imgsz, **settings)
+        train = sorted((data / f"fold{args.fold}" / "images" / "train").glob("*.jpg"))[: args.hubness]
+        bank = record(model, train, refs, args.imgsz, **settings) if train else []
     finally:
         shutil.rmtree(refs, ignore_errors=True)
     index = {v: k for k, v in model.model.names.items()}
@@ -198,6 +235,15 @@ def main() -> None:
         "size": args.size,
         **evaluate(scenes, truth, index, args.agnostic, args.fp, args.conf),
     }
+    if bank:
+        cos = np.concatenate([s["cos"] for s in bank if len(s["cos"])])
+        result["hubness"] = {"bank_scenes": len(bank), "bank_candidates": len(cos)}
+        verifier = dataclasses.replace(model.model.verifier)  # a clean copy: record() wrapped the model's methods
+        for k in args.hubness_k:
+            for lam in args.hubness_lam:
+                r = evaluate(rescore(scenes, hubness(cos, k, lam), verifier), truth, index, args.agnostic,
+                             args.fp, args.conf)  # fmt: skip
+                result["hubness"][f"k{k}_lam{lam}"] = {x: r[x] for x in list(r)[2:6]}
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
