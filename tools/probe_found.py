@@ -65,7 +65,8 @@ def references(root: Path, names: dict, out: Path, detail: list[int]) -> None:
 def record(model, scenes: list[Path], refs: Path, imgsz: int, **settings) -> list[dict]:
     """Every scene's verified candidates: ``box`` [C, 4] (input px), ``obj`` [C], ``cos`` [C, N] (the similarity
     before scoring), ``score`` [C, N]; ``settings``:
-    :class:`~yolo_fewshot.nn.verify.CropVerifier` fields to change (e.g. ``centernet_topk=20``)."""
+    :class:`~yolo_fewshot.nn.verify.CropVerifier` fields to change (e.g. ``centernet_topk=20``). The references
+    are set on every call: that is what hands the predictor the freshly wrapped verifier."""
     model.set_references(str(refs))
     model.model.set_verify(True, top1=True)
     model.model.verifier = dataclasses.replace(model.model.verifier, **settings)
@@ -243,7 +244,9 @@ def main() -> None:
             for lam in args.hubness_lam:
                 r = evaluate(rescore(scenes, hubness(cos, k, lam), verifier), truth, index, args.agnostic,
                              args.fp, args.conf)  # fmt: skip
-                result["hubness"][f"k{k}_lam{lam}"] = {x: r[x] for x in list(r)[2:6]}
+                keys = (f"found_at_fp{args.fp}", "threshold", f"found_at_conf{args.conf}",
+                        f"fp_per_scene_at_conf{args.conf}")  # fmt: skip
+                result["hubness"][f"k{k}_lam{lam}"] = {x: r[x] for x in keys}
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
