@@ -259,8 +259,13 @@ def test_demo_train_path(tmp_path, monkeypatch):
     # the run's checkpoint carries the COCO centre of its training classes' references (category search)
     from yolo_fewshot.checkpoint import read_checkpoint
 
-    center = read_checkpoint(out / "train" / "weights" / "last.pt")["model"].coco_center
+    trained = read_checkpoint(out / "train" / "weights" / "last.pt")["model"]
+    center = trained.coco_center
     assert center.ndim == 1 and center.shape[0] > 0 and torch.isfinite(center).all()
+    # and instance search's hubness bank: the training scenes' labelled objects, embedded as candidates are
+    from yolo_fewshot.nn.hubness import check_bank
+
+    assert 0 < check_bank(trained.hubness_bank, trained.proto_dims) <= 1024
 
 
 def test_found_and_false_positives_on_hand_cases():

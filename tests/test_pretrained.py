@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from yolo_fewshot import FewShotYOLO
 from yolo_fewshot import pretrained as pt
 from yolo_fewshot.nn.detector import FewShotDetectionModel
+from yolo_fewshot.nn.hubness import check_bank
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +98,7 @@ def test_shipped_model_is_the_default_and_checks_its_sha256(tmp_path, monkeypatc
     card = pt.read_card(pt.DEFAULT_MODEL)
     assert card["data"] and card["command"].startswith("yolo-fewshot train")
     assert pt.sha256_of(pt.weights_dir() / pt.DEFAULT_MODEL) == pt.SHIPPED_SHA256[pt.DEFAULT_MODEL]
+    assert check_bank(m.model.hubness_bank, m.model.proto_dims) == 1024  # instance search's hubness bank ships too
     monkeypatch.setitem(pt.SHIPPED_SHA256, pt.DEFAULT_MODEL, "0" * 64)
     with pytest.raises(ValueError, match="sha256 does not match"):
         pt.load_pretrained(pt.DEFAULT_MODEL)

@@ -22,7 +22,10 @@ cosine lowered by ``lam * (h_r - mean h)``, ``h_r`` the mean of its ``k`` highes
 (hubness reduction, CSLS: Conneau et al., "Word translation without parallel data", ICLR 2018): a reference that is
 near everything (one apple among many apples) stops taking other objects' candidates.
 
-    python tools/probe_found.py --fold 0 --hubness 120                    # + the bank-corrected scores
+    python tools/probe_found.py --fold 0 --hubness 120 --csls 0           # + the bank-corrected scores
+
+The model's own hubness correction (``CropVerifier.hubness``, its ``hubness_bank``: :mod:`yolo_fewshot.nn.hubness`) is
+on by default; ``--csls 0`` switches it off, which is what the probe's ``--hubness`` bank was measured against.
 
 ``--ref-detail S [S ...]`` adds, beside each reference photo, a copy shrunk until the object's longer side is S px
 (the benchmark's references are ~210 px, its scene objects ~63 px): the probe behind the README's "views at scene
@@ -196,6 +199,7 @@ def main() -> None:
     ap.add_argument("--centernet-topk", type=int, default=None, help="CenterNet candidates per image")
     ap.add_argument("--topk", type=int, default=None, help="the head's candidates per image")
     ap.add_argument("--size", type=int, default=None, help="verification crop side (px)")
+    ap.add_argument("--csls", type=float, default=None, help="the verifier's hubness weight (0: off; default: its own)")
     ap.add_argument("--hubness", type=int, default=0, help="bank: this many of the fold's training scenes (0: none)")
     ap.add_argument("--hubness-k", type=int, nargs="*", default=[10, 50], help="the bank's nearest candidates")
     ap.add_argument("--hubness-lam", type=float, nargs="*", default=[0.5, 0.75, 1.0], help="offset weights")
@@ -218,7 +222,8 @@ def main() -> None:
     refs = Path(tempfile.mkdtemp(prefix="probe_found_refs_"))
     try:
         references(root, names, refs, args.ref_detail)
-        given = (("centernet_topk", args.centernet_topk), ("topk", args.topk), ("size", args.size))
+        given = (("centernet_topk", args.centernet_topk), ("topk", args.topk), ("size", args.size),
+                 ("hubness", args.csls))  # fmt: skip
         settings = {k: v for k, v in given if v is not None}
         scenes = record(model, [root / "images" / "test" / n for n in truth], refs, args.imgsz, **settings)
         train = sorted((data / f"fold{args.fold}" / "images" / "train").glob("*.jpg"))[: args.hubness]
@@ -234,6 +239,7 @@ def main() -> None:
         "centernet_topk": args.centernet_topk,
         "topk": args.topk,
         "size": args.size,
+        "csls": args.csls,
         **evaluate(scenes, truth, index, args.agnostic, args.fp, args.conf),
     }
     if bank:

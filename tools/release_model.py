@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, help="tools/run_benchmark.py results.json of the same run")
     ap.add_argument("--command", required=True, help="the exact training command (for the card)")
     ap.add_argument("--hardware", default="2 CPU cores (AMD EPYC), no GPU, torch 2.14.1, ultralytics 8.4.190")
-    ap.add_argument("--data", type=Path, help="the training data YAML: computes the COCO centre when the run has none")
+    ap.add_argument("--data", type=Path, help="the training data YAML: the COCO centre and hubness bank if missing")
     a = ap.parse_args(argv)
 
     import yolo_fewshot  # noqa: F401  (registration, safe loading)
@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         model = load_pretrained(a.checkpoint)
         card = {**read_card(a.checkpoint), "command": a.command}
         _coco_center(model, a.data)
+        card.update(_hubness_bank(model, a.data))
         path = save_pretrained(model, a.out, card)
         print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB), sha256 {sha256_of(path)}")
         return 0
@@ -64,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         "README's real-photo set); few-shot detection of categories, not open-vocabulary; 320 px training",
     }
     model.coco_center = getattr(trained, "coco_center", None)
+    model.hubness_bank = getattr(trained, "hubness_bank", None)
     _coco_center(model, a.data)
+    card.update(_hubness_bank(model, a.data))
     path = save_pretrained(model, a.out, card)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB), sha256 {sha256_of(path)}")
     return 0
@@ -80,6 +83,21 @@ def _coco_center(model, data: Path | None) -> None:
 
     model.coco_center = training_coco_center(model, check_det_dataset(str(data)))
     print(f"COCO centre from {data}'s base classes' references")
+
+
+def _hubness_bank(model, data: Path | None) -> dict:
+    """Give ``model`` the hubness bank of its training data (``data``) when it has none (a run from before it);
+    returns the card's line on it (nothing when the model keeps its own)."""
+    if getattr(model, "hubness_bank", None) is not None or data is None:
+        return {}
+    from ultralytics.data.utils import check_det_dataset
+
+    from yolo_fewshot.engine.train import training_hubness_bank
+
+    model.hubness_bank = training_hubness_bank(model, check_det_dataset(str(data)))
+    n = len(next(iter(model.hubness_bank.values())))
+    print(f"hubness bank from {data}'s training scenes: {n} objects")
+    return {"hubness_bank": f"{n} labelled base-class objects of {data}'s training scenes (seed 0)"}
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Pretrained few-shot models as safetensors: weights + the model YAML in the file's metadata, no pickle.
 
 What ``FewShotYOLO()`` loads by default (as ``YOLO()`` defaults to a shipped name). The file holds the trained neck and
-head in fp16 and the model YAML (architecture, encoder spec, the classes it was trained on) as JSON metadata; the
-frozen ImageNet trunk is not repeated — it is rebuilt from its PyPI package, and a digest of its tensors stored at save
-time proves at load time that it is the same. Loading parses tensors and JSON only: nothing in the file can run code.
+head in fp16, instance search's hubness bank (``hubness_bank.*`` tensors, :mod:`~yolo_fewshot.nn.hubness`) and the model
+YAML (architecture, encoder spec, the classes it was trained on) as JSON metadata; the frozen ImageNet trunk is not
+repeated — it is rebuilt from its PyPI package, and a digest of its tensors stored at save time proves at load time
+that it is the same. Loading parses tensors and JSON only: nothing in the file can run code.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from torch import Tensor
 
 from .nn.centernet.model import sha256_of  # one file-digest helper for the shipped weights
 from .nn.detector import FewShotDetectionModel
+from .nn.hubness import BANK_PREFIX, check_bank
 
 #: The shipped model (package data, ``data/weights/`` in a source checkout) and its sha256.
 DEFAULT_MODEL = "yolofs-lite0-fold0.safetensors"
 SHIPPED_SHA256: dict[str, str] = {
-    "yolofs-lite0-fold0.safetensors": "eccb5e42ac7a26f2b08d51d3956a48d201059a655f6ca88a1b89e3a911a3afe5",
+    "yolofs-lite0-fold0.safetensors": "3c6a384c88c63700da6c6f85978a6eafcc8c707cdb563d3839919bab4c62f723",
 }
 
 
@@ -82,6 +84,9 @@ def save_pretrained(model: FewShotDetectionModel, path: str | Path, card: dict[s
     """
     trained, trunk = _split(model)
     tensors = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in trained.items()}
+    bank = getattr(model, "hubness_bank", None)  # instance search's hubness bank, a statistic of the training data
+    if bank:
+        tensors.update({BANK_PREFIX + k: v.detach().cpu().half().contiguous() for k, v in bank.items()})
     yaml = {k: v for k, v in model.yaml.items() if k != "yaml_file"}
     meta = {
         "format": "yolo_fewshot.pretrained/1",
@@ -127,6 +132,7 @@ def load_pretrained(path: str | Path, verbose: bool = False) -> FewShotDetection
     model = FewShotDetectionModel(json.loads(meta["yaml"]), verbose=verbose)
     trained, trunk = _split(model)
     state = load_file(str(path))
+    bank = {k[len(BANK_PREFIX) :]: state.pop(k) for k in [k for k in state if k.startswith(BANK_PREFIX)]}
     if set(state) != set(trained):
         missing, extra = sorted(set(trained) - set(state)), sorted(set(state) - set(trained))
         raise ValueError(f"{path}: weights do not fit its YAML (missing {missing[:3]}, unexpected {extra[:3]})")
@@ -144,5 +150,11 @@ def load_pretrained(path: str | Path, verbose: bool = False) -> FewShotDetection
         if center.ndim != 1 or not torch.isfinite(center).all():
             raise ValueError(f"{path}: its coco_center metadata must be a finite [D] vector, got {tuple(center.shape)}")
         model.coco_center = center
+    if bank:
+        try:
+            check_bank(bank, model.proto_dims)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        model.hubness_bank = bank
     model.pt_path = str(path)
     return model.float().eval()

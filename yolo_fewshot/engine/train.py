@@ -91,6 +91,59 @@ def training_coco_center(
     return coco_center(torch.cat(out))
 
 
+@torch.no_grad()
+def training_hubness_bank(
+    model: FewShotDetectionModel, data: dict, classes: Sequence[int] | None = None, limit: int = 1024, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Instance search's hubness bank (:mod:`~yolo_fewshot.nn.hubness`): the labelled objects of the training classes
+    in the training scenes (``train:``), at most ``limit`` drawn by ``seed``, cut from their scenes as verification
+    cuts candidates and embedded by the model's trunk — generic objects of the kind a search meets, none of them a
+    novel class's.
+
+    Args:
+        model: The detector (its trunk, the first layer, and its verifier's crop settings).
+        data: The Ultralytics data dict (``check_det_dataset``'s).
+        classes: The training classes (default: the split's base classes).
+        limit: Objects at most (1 024: 4.8 MB in fp16 for Lite0's P3-P5; 384-1 582 of fold 0's measured alike).
+        seed: Which ones, when there are more.
+
+    Returns:
+        :func:`~yolo_fewshot.nn.hubness.bank_embeddings`' tensors, ``[K, D]`` each, fp16.
+    """
+    import numpy as np
+    from PIL import Image
+    from ultralytics.cfg import get_cfg
+    from ultralytics.data import build_yolo_dataset
+
+    from ..data.support import _instances
+    from ..nn.hubness import bank_embeddings, merge_banks
+    from ..nn.verify import CropVerifier
+
+    split = FewShotSplit.from_data(data)
+    classes = list(split.base if classes is None else classes)
+    ds = build_yolo_dataset(get_cfg(overrides={"imgsz": 320}), data["train"], 1, data, mode="val")
+    items = _instances(ds.labels, classes, 2.0)[0]
+    if not items:
+        raise ValueError(f"no labelled object of the training classes {classes} in the training split")
+    pick = sorted(np.random.default_rng(seed).permutation(len(items))[:limit].tolist())
+    by_image: dict[str, list] = {}
+    for j in pick:
+        by_image.setdefault(items[j][0], []).append(items[j][1])
+    verifier = model.__dict__.get("verifier") or CropVerifier()
+    p = next(model.parameters())
+    trunk, levels = model.model[0], len(model.proto_dims)
+    parts, crops, masks = [], [], []
+    for i, (im_file, boxes) in enumerate(by_image.items()):
+        with Image.open(im_file) as im:
+            img = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)[None].float() / 255
+        c, m = verifier.crops(img, torch.zeros(len(boxes), dtype=torch.long), torch.tensor(boxes, dtype=torch.float32))
+        crops.append(c), masks.append(m)
+        if sum(len(x) for x in crops) >= 64 or i == len(by_image) - 1:
+            parts.append(bank_embeddings(trunk, torch.cat(crops).to(p.device, p.dtype), torch.cat(masks).to(p), levels))
+            crops, masks = [], []
+    return {k: v.half() for k, v in merge_banks(parts).items()}
+
+
 def cache_dir(args: Any, data: dict) -> Path:
     """Embedding cache location: ``fewshot_cache=`` or ``<dataset root>/.yolo_fewshot_cache``."""
     return Path(args.fewshot_cache or Path(data.get("path") or Path(data["train"]).parent) / ".yolo_fewshot_cache")
@@ -160,6 +213,11 @@ class FewShotTrainer(DetectionTrainer):
                 model.coco_center = training_coco_center(model, self.data, self.trained_classes, seed=self.args.seed)
             except ValueError as e:  # no usable reference instance: category search stays uncentred, training goes on
                 LOGGER.warning(f"few-shot: no COCO centre ({e}); category search compares uncentred COCO embeddings")
+        if model.can_verify and getattr(model, "hubness_bank", None) is None:  # instance search's hubness correction
+            try:
+                model.hubness_bank = training_hubness_bank(model, self.data, self.trained_classes, seed=self.args.seed)
+            except ValueError as e:
+                LOGGER.warning(f"few-shot: no hubness bank ({e}); instance search is not corrected for hubness")
 
     @property
     def trained_classes(self) -> tuple[int, ...]:

@@ -259,7 +259,9 @@ class FewShotDetectionModel(DetectionModel):
             and not torch._C._is_torch_function_mode_enabled()
         ):
             kps, lay, desc = (self.__dict__.get(k) for k in ("keypoints", "layouts", "descriptors"))
-            out = verifier(self.model[0], x, out[0], out[1]["obj"], self.prototypes, kps, lay, desc, self.coco), out[1]
+            hub = self.__dict__.get("hubness_bank")  # instance search's hubness bank (nn/hubness.py), training data
+            y = verifier(self.model[0], x, out[0], out[1]["obj"], self.prototypes, kps, lay, desc, self.coco, hub)
+            out = y, out[1]
         neg = self.__dict__.get("_negative_of") or []
         if not neg or self.training:
             return out

@@ -47,6 +47,7 @@ from torchvision.ops import batched_nms, box_iou, nms, roi_align
 
 from ..encoders.base import masked_mean
 from .coco_embedding import coco_embed
+from .hubness import bank_similarity, hubness_offset
 from .keypoint_match import KeypointTemplate, keypoint_boxes
 from .keypoint_votes import crop_descriptors, keypoint_votes
 from .layout import layout_similarity
@@ -207,6 +208,18 @@ class CropVerifier:
             the crops (at 128 px), in category search only. Instance search keeps its own cosine, which tells an
             instance from its look-alikes by colour and texture (P3-P5, layouts, keypoints): with the mix at 0.25, fold
             0's instance 1-shot AP50 0.867 -> 0.858 and the real-photo set 25 -> 24 of 33.
+        hubness: Weight of the hubness correction (:mod:`~yolo_fewshot.nn.hubness`, CSLS): each class's similarity
+            lowered by this times how far its mean similarity to its :attr:`hubness_k` nearest objects of the model's
+            ``hubness_bank`` (crops of its training scenes' labelled objects) lies above the classes' average, so a
+            reference near everything stops taking other objects' candidates. None (default): 0.5 for instance search
+            (:attr:`top1`), 0 for category search (not measured there). Needs two classes or more and a model with a
+            bank (released or trained since 2026-12-05). Instance search, found at <= 0.2 false positives per scene
+            (``tools/probe_found.py``, against ``--csls 0``): fold 0 65.9 -> 73.1 % (the shipped model, 1 024 of its
+            training scenes' objects), fold 2 43.7 -> 46.8 % (its own weights and bank); the demo 59 -> 63 % found
+            at ``conf=0.25``, false positives 0.15 -> 0.07 per scene; instance 1-shot AP50 0.867 -> 0.871 and 0.646
+            -> 0.653. Offline on fold 0's record: all 1 582 objects 73.1 %, 384-1 024 drawn at random 70.5-73.1 %
+            (3 draws each), ``lam`` 0.75 with ``k`` 50 69.4-70.7 %.
+        hubness_k: Nearest bank objects whose mean similarity is a class's hubness.
         chunk: Images per CenterNet pass and ``16 * chunk`` crops per trunk pass. Ultralytics hands ``predict`` a list
             of image paths as one batch (150 benchmark scenes took 15-19 GB in one pass); in chunks the memory stays
             bounded and the results are the same (60 scenes as one list: peak RSS 7.8 -> 3.0 GB, the same 123
@@ -234,6 +247,8 @@ class CropVerifier:
     head_objectness: float | None = None
     head_trust: float = 0.1
     coco: float | None = None
+    hubness: float | None = None
+    hubness_k: int = 10
     chunk: int = 8
 
     def __post_init__(self) -> None:
@@ -297,6 +312,7 @@ class CropVerifier:
         layouts: Sequence[Tensor] | None = None,
         descriptors: Sequence[Sequence[Tensor]] | None = None,
         coco: tuple[Tensor, Tensor | None] | None = None,
+        hub: dict[str, Tensor] | None = None,
     ) -> Tensor:
         """Re-score ``y``: candidates get the verified score, every other anchor 0.
 
@@ -317,6 +333,8 @@ class CropVerifier:
             coco: The classes' COCO embeddings ``[B|1, N, D]`` (the mean of each class's references',
                 :mod:`~yolo_fewshot.nn.coco_embedding`) and the centre ``[D]`` (None: uncentred), mixed in when
                 :attr:`coco` allows; None: not used.
+            hub: The model's hubness bank (:func:`~yolo_fewshot.nn.hubness.bank_embeddings`), for the correction
+                :attr:`hubness` weighs; None: no correction.
 
         Returns:
             ``[B, 4 + N, A + E]`` (``E`` = :meth:`extra_columns`): the head's boxes unchanged, then the CenterNet
@@ -326,7 +344,7 @@ class CropVerifier:
         out, idx, col, cbox, cobj = self.candidates(img, y, obj, keypoints)
         if not len(idx):
             return out
-        cos = self.compare(trunk, img, idx, cbox, protos, y.shape[1] - 4, layouts, descriptors, coco)
+        cos = self.compare(trunk, img, idx, cbox, protos, y.shape[1] - 4, layouts, descriptors, coco, hub)
         out[idx, 4:, col] = self.score(cos, cobj, idx, y.shape[0]).to(y.dtype)
         return out
 
@@ -395,10 +413,11 @@ class CropVerifier:
         layouts: Sequence[Tensor] | None = None,
         descriptors: Sequence[Sequence[Tensor]] | None = None,
         coco: tuple[Tensor, Tensor | None] | None = None,
+        hub: dict[str, Tensor] | None = None,
     ) -> Tensor:
         """Similarity ``[C, N]`` of each candidate crop (image ``idx``, box ``cbox``) with each of the ``n`` classes:
         the masked-mean cosine, mixed with the layouts' (:attr:`layout`) and the COCO embedding's (:attr:`coco`),
-        plus keypoint votes (:attr:`votes`)."""
+        plus keypoint votes (:attr:`votes`), minus each class's hubness offset (:attr:`hubness`, bank ``hub``)."""
         b = img.shape[0]
         crops, masks = self.crops(img, idx, cbox.to(img.dtype))
         n_crops = 16 * max(1, self.chunk)
@@ -406,11 +425,18 @@ class CropVerifier:
         feats = [torch.cat(level) for level in zip(*parts)]
         w = float((0.5 if self.top1 else 0.0) if self.layout is None else self.layout)  # the layouts' share
         cos = self.similarity(feats, masks, protos, b, idx) if w < 1 else 0  # [C, N]
-        if w > 0 and layouts and layouts[0].shape[-3] == n:  # (negative classes have none)
+        with_layouts = w > 0 and bool(layouts) and layouts[0].shape[-3] == n  # (negative classes have none)
+        if with_layouts:
             lay = layout_similarity(feats, masks, layouts[-self.n_levels(len(layouts)) :], idx)
             cos = (1 - w) * cos + w * lay
         elif w >= 1:
             cos = self.similarity(feats, masks, protos, b, idx)
+        wh = float((0.5 if self.top1 else 0.0) if self.hubness is None else self.hubness)
+        if wh > 0 and hub and n > 1:
+            sim = bank_similarity(hub, protos, layouts if with_layouts else None, w if with_layouts else 0.0,
+                                  self.n_levels(len(protos)))  # fmt: skip
+            off = hubness_offset(sim, self.hubness_k, wh).to(cos)  # [B|1, N]
+            cos = cos - (off[idx] if len(off) > 1 else off[0].expand(len(idx), -1))
         wc = self.coco_share
         if wc > 0 and coco is not None and coco[0].shape[-2] == n:  # (negative classes have none)
             cos = (1 - wc) * cos + wc * coco_similarity(crops, masks, coco[0], coco[1], b, idx)
