@@ -28,6 +28,9 @@ PLUGIN_DEFAULTS: dict[str, Any] = {
     # references), joined by "+"; both = head+centernet
     "proposals": "both",
     "top1": True,  # verification: classes compete for a box (references are instances); False for category search
+    # verification: weight of instance search's hubness correction (nn/hubness.py); None: the verifier's default (0.5
+    # with top1, 0 without), 0: off (e.g. when the model's training scenes hold the very objects searched for)
+    "hubness": None,
     "finetune": False,  # TFA-style: train on K shots (shots=K) of every class, novel included; backbone frozen
 }
 
@@ -76,6 +79,10 @@ def check_settings(args: Any) -> None:
         parse_shots(get("shots"))
     if get("top1") is not None and not isinstance(get("top1"), bool):
         raise ValueError(f"top1={get('top1')!r} must be True or False")
+    if get("hubness") is not None:
+        from ..nn.verify import check_hubness
+
+        check_hubness(get("hubness"))
     if get("proposals") is not None:
         from ..nn.verify import check_proposals
 

@@ -77,7 +77,8 @@ class FewShotValidator(DetectionValidator):
             torch.set_num_threads(cpu_threads())
         if fs.can_verify:
             on = bool(self.args.verify)
-            fs.set_verify(on, self.args.proposals if on else None, self.args.top1 if on else None)
+            hub = getattr(self.args, "hubness", None)
+            fs.set_verify(on, self.args.proposals if on else None, self.args.top1 if on else None, hub if on else None)
         self.split = self.split or FewShotSplit.from_data(self.data)
         names = dict(self.split.names)
         fs.names = model.names = names

@@ -84,6 +84,13 @@ def proposal_sources(value: str) -> frozenset[str]:
     return frozenset(names)
 
 
+def check_hubness(value: object) -> float:
+    """A hubness weight (:attr:`CropVerifier.hubness`) as a float; one-line ``ValueError`` for anything else."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 2:
+        raise ValueError(f"hubness={value!r} must be a number in [0, 2] (0: off; default 0.5 for instance search)")
+    return float(value)
+
+
 def check_proposals(value: str) -> str:
     """``value`` if it names proposal sources (:func:`proposal_sources`), else a one-line ValueError."""
     proposal_sources(value)
