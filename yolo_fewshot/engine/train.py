@@ -51,6 +51,22 @@ def training_finished(last: str | Path) -> bool:
     return read_checkpoint(last).get("epoch") == -1  # a safe load (yolo_fewshot/checkpoint.py)
 
 
+def _drawn_instances(data: dict, source: str, classes: Sequence[int], limit: int, seed: int) -> list:
+    """``(image, box xyxy px)`` of at most ``limit`` labelled objects of ``classes`` in split ``source`` (images or a
+    list), drawn by ``seed`` and kept in the split's order; ``ValueError`` when there is none."""
+    import numpy as np
+    from ultralytics.cfg import get_cfg
+    from ultralytics.data import build_yolo_dataset
+
+    from ..data.support import _instances
+
+    ds = build_yolo_dataset(get_cfg(overrides={"imgsz": 320}), source, 1, data, mode="val")
+    items = _instances(ds.labels, classes, 2.0)[0]
+    if not items:
+        raise ValueError(f"no instance of the training classes {list(classes)} in '{source}'")
+    return [items[j] for j in sorted(np.random.default_rng(seed).permutation(len(items))[:limit].tolist())]
+
+
 @torch.no_grad()
 def training_coco_center(
     model: FewShotDetectionModel, data: dict, classes: Sequence[int] | None = None, limit: int = 256, seed: int = 0
@@ -69,24 +85,15 @@ def training_coco_center(
     Returns:
         ``[D]``.
     """
-    import numpy as np
-    from ultralytics.cfg import get_cfg
-    from ultralytics.data import build_yolo_dataset
-
-    from ..data.support import _instances
     from ..nn.coco_embedding import coco_center
     from ..references.crops import make_crop
 
     split = FewShotSplit.from_data(data)
     classes = list(split.base if classes is None else classes)
-    ds = build_yolo_dataset(get_cfg(overrides={"imgsz": 320}), split.support_source(data), 1, data, mode="val")
-    items = _instances(ds.labels, classes, 2.0)[0]
-    if not items:
-        raise ValueError(f"no instance of the training classes {classes} in the support split '{split.support}'")
-    pick = sorted(np.random.default_rng(seed).permutation(len(items))[:limit].tolist())
+    items = _drawn_instances(data, split.support_source(data), classes, limit, seed)
     out = []
-    for i in range(0, len(pick), 32):
-        crops, masks = zip(*(make_crop(*items[j], 224, 0.1) for j in pick[i : i + 32]))
+    for i in range(0, len(items), 32):
+        crops, masks = zip(*(make_crop(*item, 224, 0.1) for item in items[i : i + 32]))
         out.append(model.reference_coco(torch.stack(crops), torch.stack(masks)))
     return coco_center(torch.cat(out))
 
@@ -112,23 +119,15 @@ def training_hubness_bank(
     """
     import numpy as np
     from PIL import Image
-    from ultralytics.cfg import get_cfg
-    from ultralytics.data import build_yolo_dataset
 
-    from ..data.support import _instances
     from ..nn.hubness import bank_embeddings, merge_banks
     from ..nn.verify import CropVerifier
 
     split = FewShotSplit.from_data(data)
     classes = list(split.base if classes is None else classes)
-    ds = build_yolo_dataset(get_cfg(overrides={"imgsz": 320}), data["train"], 1, data, mode="val")
-    items = _instances(ds.labels, classes, 2.0)[0]
-    if not items:
-        raise ValueError(f"no labelled object of the training classes {classes} in the training split")
-    pick = sorted(np.random.default_rng(seed).permutation(len(items))[:limit].tolist())
-    by_image: dict[str, list] = {}
-    for j in pick:
-        by_image.setdefault(items[j][0], []).append(items[j][1])
+    by_image: dict[str, list] = {}  # each scene read once
+    for im_file, box in _drawn_instances(data, data["train"], classes, limit, seed):
+        by_image.setdefault(im_file, []).append(box)
     verifier = model.__dict__.get("verifier") or CropVerifier()
     p = next(model.parameters())
     trunk, levels = model.model[0], len(model.proto_dims)
