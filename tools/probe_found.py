@@ -25,7 +25,9 @@ near everything (one apple among many apples) stops taking other objects' candid
     python tools/probe_found.py --fold 0 --hubness 120 --csls 0           # + the bank-corrected scores
 
 The model's own hubness correction (``CropVerifier.hubness``, its ``hubness_bank``: :mod:`yolo_fewshot.nn.hubness`) is
-on by default; ``--csls 0`` switches it off, which is what the probe's ``--hubness`` bank was measured against.
+on by default; ``--csls 0`` switches it off, which is what the probe's ``--hubness`` bank was measured against. So is
+the colour histograms' agreement (``CropVerifier.colour``, :mod:`yolo_fewshot.nn.colour`); ``--colour 0`` switches it
+off.
 
 ``--ref-detail S [S ...]`` adds, beside each reference photo, a copy shrunk until the object's longer side is S px
 (the benchmark's references are ~210 px, its scene objects ~63 px): the probe behind the README's "views at scene
@@ -200,6 +202,7 @@ def main() -> None:
     ap.add_argument("--topk", type=int, default=None, help="the head's candidates per image")
     ap.add_argument("--size", type=int, default=None, help="verification crop side (px)")
     ap.add_argument("--csls", type=float, default=None, help="the verifier's hubness weight (0: off; default: its own)")
+    ap.add_argument("--colour", type=float, default=None, help="the verifier's colour weight (0: off)")
     ap.add_argument("--hubness", type=int, default=0, help="bank: this many of the fold's training scenes (0: none)")
     ap.add_argument("--hubness-k", type=int, nargs="*", default=[10, 50], help="the bank's nearest candidates")
     ap.add_argument("--hubness-lam", type=float, nargs="*", default=[0.5, 0.75, 1.0], help="offset weights")
@@ -223,7 +226,7 @@ def main() -> None:
     try:
         references(root, names, refs, args.ref_detail)
         given = (("centernet_topk", args.centernet_topk), ("topk", args.topk), ("size", args.size),
-                 ("hubness", args.csls))  # fmt: skip
+                 ("hubness", args.csls), ("colour", args.colour))  # fmt: skip
         settings = {k: v for k, v in given if v is not None}
         scenes = record(model, [root / "images" / "test" / n for n in truth], refs, args.imgsz, **settings)
         train = sorted((data / f"fold{args.fold}" / "images" / "train").glob("*.jpg"))[: args.hubness]
@@ -240,6 +243,7 @@ def main() -> None:
         "topk": args.topk,
         "size": args.size,
         "csls": args.csls,
+        "colour": args.colour,
         **evaluate(scenes, truth, index, args.agnostic, args.fp, args.conf),
     }
     if bank:

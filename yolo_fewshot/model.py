@@ -298,6 +298,7 @@ class FewShotYOLO(Model):
         desc = [c.descriptors for c in bank.classes.values()]
         self.model.set_descriptors([torch.cat(d) for d in desc] if all(desc) else None)
         self.model.set_coco(bank.coco_prototypes())
+        self.model.set_colours(bank.colour_prototypes())
         self.model.reference_thumbnails = {
             n: c.thumbnail.numpy() for n, c in bank.classes.items() if c.thumbnail is not None
         }

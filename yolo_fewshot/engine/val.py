@@ -70,6 +70,7 @@ class FewShotValidator(DetectionValidator):
                 fs.__dict__.get("layouts"),
                 fs.__dict__.get("descriptors"),
                 fs.__dict__.get("coco_prototypes"),
+                fs.__dict__.get("colours"),
             )
             fs._negative_of = []  # validation binds its own per-image prototypes of every class, without negatives
         self.fs_model = fs
@@ -116,30 +117,35 @@ class FewShotValidator(DetectionValidator):
         table = instance_table(
             ds.labels, list(self.split.names), encoder, cache_dir(self.args, self.data), self.args.views
         )
-        self._layouts, self._descriptors, self._coco = self._support_descriptors(ds.labels, encoder.spec.input_size)
+        self._layouts, self._descriptors, self._coco, self._colours = self._support_descriptors(
+            ds.labels, encoder.spec.input_size
+        )
         return table
 
     def _support_descriptors(
         self, labels: list[dict], size: int
-    ) -> tuple[list[torch.Tensor] | None, list | None, torch.Tensor | None]:
+    ) -> tuple[list[torch.Tensor] | None, list | None, torch.Tensor | None, torch.Tensor | None]:
         """Layout descriptors of every support instance (the table's order), per level ``[J, 2, D_l]``, and each
         instance's crop descriptors ``[P_j, 128]``, when this validation verifies instance search
-        (:mod:`~yolo_fewshot.nn.layout`, :mod:`~yolo_fewshot.nn.keypoint_votes`), and their COCO embeddings ``[J, D]``
-        when it verifies category search (:mod:`~yolo_fewshot.nn.coco_embedding`); None for what it does not use."""
+        (:mod:`~yolo_fewshot.nn.layout`, :mod:`~yolo_fewshot.nn.keypoint_votes`), their COCO embeddings ``[J, D]``
+        when it verifies category search (:mod:`~yolo_fewshot.nn.coco_embedding`) and their colour histograms
+        ``[J, H]`` when it compares colours (:mod:`~yolo_fewshot.nn.colour`); None for what it does not use."""
         from ..data.support import _instances
+        from ..nn.colour import colour_histograms
         from ..nn.keypoint_votes import reference_descriptors
         from ..references.crops import make_crop
 
         fs = self.fs_model
         verifier = fs.__dict__.get("verifier")
         if verifier is None:
-            return None, None, None
+            return None, None, None, None
         lay_on = bool(verifier.top1 if verifier.layout is None else verifier.layout)
         votes_on = bool(verifier.top1 if verifier.votes is None else verifier.votes)
         coco_on = verifier.coco_share > 0
+        colour_on = bool(verifier.top1 if verifier.colour is None else verifier.colour)
         items = _instances(labels, list(self.split.names), 2.0)[0]  # instance_table's order
-        lay, desc, coco = [], [], []
-        for i in range(0, len(items), 32) if lay_on or votes_on or coco_on else ():
+        lay, desc, coco, col = [], [], [], []
+        for i in range(0, len(items), 32) if lay_on or votes_on or coco_on or colour_on else ():
             crops, masks = zip(*(make_crop(im, box, size, 0.1) for im, box in items[i : i + 32]))
             crops, masks = torch.stack(crops), torch.stack(masks)
             if lay_on:
@@ -148,8 +154,15 @@ class FewShotValidator(DetectionValidator):
                 desc += reference_descriptors(crops, masks)
             if coco_on:
                 coco.append(fs.reference_coco(crops, masks))
+            if colour_on:
+                col.append(colour_histograms(crops, masks))
         lay = [torch.cat([o[lv] for o in lay]) for lv in range(len(lay[0]))] if lay else None
-        return lay, (desc if votes_on and items else None), (torch.cat(coco) if coco else None)
+        return (
+            lay,
+            (desc if votes_on and items else None),
+            (torch.cat(coco) if coco else None),
+            (torch.cat(col) if col else None),
+        )
 
     def _prepare_draw(self) -> None:
         """Seeded order of candidate references per class; the default K-shot prototype of each class."""
@@ -227,6 +240,15 @@ class FewShotValidator(DetectionValidator):
             self.fs_model.set_coco(torch.stack([
                 torch.stack([coco[idx].mean(0) if (idx := self._drawn(c, im if used_im[c] else None)) else
                              coco.new_zeros(coco.shape[1]) for c in classes])
+                for im, used_im in zip(batch["im_file"], used_per_image)
+            ]))  # fmt: skip
+        # the colour histograms (instance search) of each class's drawn references, averaged
+        col = getattr(self, "_colours", None) if self._support is None else None
+        self.fs_model.colours = None
+        if col is not None:
+            self.fs_model.set_colours(torch.stack([
+                torch.stack([col[idx].mean(0) if (idx := self._drawn(c, im if used_im[c] else None)) else
+                             col.new_full((col.shape[1],), 1 / col.shape[1]) for c in classes])
                 for im, used_im in zip(batch["im_file"], used_per_image)
             ]))  # fmt: skip
         # and the crops' SIFT descriptors (keypoint votes) of each class's drawn references
@@ -310,11 +332,11 @@ class FewShotValidator(DetectionValidator):
     def restore_model(self) -> None:
         """Give the model back its own references and names (validation binds per-image ones of every class)."""
         if self.fs_model is not None and getattr(self, "_saved_state", None) is not None:
-            self.fs_model._protos, self.fs_model.names, self.fs_model._negative_of, kps, lay, desc, coco = (
+            self.fs_model._protos, self.fs_model.names, self.fs_model._negative_of, kps, lay, desc, coco, col = (
                 self._saved_state
             )
             self.fs_model.keypoints, self.fs_model.layouts, self.fs_model.descriptors = kps, lay, desc
-            self.fs_model.coco_prototypes = coco
+            self.fs_model.coco_prototypes, self.fs_model.colours = coco, col
             self.fs_model = None
 
     def print_fewshot_summary(self) -> None:

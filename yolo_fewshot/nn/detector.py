@@ -111,6 +111,7 @@ class FewShotDetectionModel(DetectionModel):
         self.layouts = None  # and their layout descriptors (set_layouts)
         self.descriptors = None  # and their crops' SIFT descriptors (set_descriptors)
         self.coco_prototypes = None  # and their COCO embeddings (set_coco)
+        self.colours = None  # and their colour histograms (set_colours)
 
     def set_keypoints(self, keypoints: Sequence[Sequence[KeypointTemplate]]) -> None:
         """Per class (in the prototypes' order), the SIFT keypoints of its references, for ``keypoints`` proposals
@@ -168,6 +169,21 @@ class FewShotDetectionModel(DetectionModel):
                 f"model's {len(self.names)} classes"
             )
         self.coco_prototypes = t.float().to(next(self.parameters()).device)
+
+    def set_colours(self, hists: Tensor | None) -> None:
+        """The classes' colour histograms ``[B|1, N, H]`` or ``[N, H]`` (the mean of each class's references',
+        :mod:`~yolo_fewshot.nn.colour`), compared with the candidates' by instance search; None clears them. Set after
+        :meth:`set_prototypes`, which clears them."""
+        if hists is None:
+            self.colours = None
+            return
+        t = hists[None] if hists.ndim == 2 else hists
+        if self.prototypes is None or t.ndim != 3 or t.shape[1] != len(self.names):
+            raise ValueError(
+                f"colour histograms of shape {tuple(hists.shape)}; expected [B|1, {len(self.names)}, H] for the "
+                f"model's {len(self.names)} classes"
+            )
+        self.colours = t.float().to(next(self.parameters()).device)
 
     @property
     def coco(self) -> tuple[Tensor, Tensor | None] | None:
@@ -272,7 +288,8 @@ class FewShotDetectionModel(DetectionModel):
         ):
             kps, lay, desc = (self.__dict__.get(k) for k in ("keypoints", "layouts", "descriptors"))
             hub = self.__dict__.get("hubness_bank")  # instance search's hubness bank (nn/hubness.py), training data
-            y = verifier(self.model[0], x, out[0], out[1]["obj"], self.prototypes, kps, lay, desc, self.coco, hub)
+            y = verifier(self.model[0], x, out[0], out[1]["obj"], self.prototypes, kps, lay, desc, self.coco, hub,
+                         self.__dict__.get("colours"))  # fmt: skip
             out = y, out[1]
         neg = self.__dict__.get("_negative_of") or []
         if not neg or self.training:

@@ -47,6 +47,8 @@ from torchvision.ops import batched_nms, box_iou, nms, roi_align
 
 from ..encoders.base import masked_mean
 from .coco_embedding import coco_embed
+from .colour import UNRELATED as COLOUR_UNRELATED
+from .colour import colour_histograms, colour_similarity
 from .hubness import bank_similarity, hubness_offset
 from .keypoint_match import KeypointTemplate, keypoint_boxes
 from .keypoint_votes import crop_descriptors, keypoint_votes
@@ -227,6 +229,13 @@ class CropVerifier:
             -> 0.653. Offline on fold 0's record: all 1 582 objects 73.1 %, 384-1 024 drawn at random 70.5-73.1 %
             (3 draws each), ``lam`` 0.75 with ``k`` 50 69.4-70.7 %.
         hubness_k: Nearest bank objects whose mean similarity is a class's hubness.
+        colour: Weight of the colour histograms' agreement (:mod:`~yolo_fewshot.nn.colour`): each candidate's
+            similarity to a class gains this times (its box's Bhattacharyya coefficient with the class's references'
+            mean histogram - :data:`COLOUR_UNRELATED`), so a candidate of the references' colours rises and one of
+            other colours falls. None (default): 0.15 for instance search (:attr:`top1`), 0 for category search
+            (another member of a class may be another colour). The frozen ImageNet trunk pools away much of what
+            tells one apple from its look-alikes, colour; instance search, found at <= 0.2 false positives per scene
+            (``tools/probe_found.py``; README "Colour"). Costs a histogram of each crop (no network).
         chunk: Images per CenterNet pass and ``16 * chunk`` crops per trunk pass. Ultralytics hands ``predict`` a list
             of image paths as one batch (150 benchmark scenes took 15-19 GB in one pass); in chunks the memory stays
             bounded and the results are the same (60 scenes as one list: peak RSS 7.8 -> 3.0 GB, the same 123
@@ -256,6 +265,7 @@ class CropVerifier:
     coco: float | None = None
     hubness: float | None = None
     hubness_k: int = 10
+    colour: float | None = None
     chunk: int = 8
 
     def __post_init__(self) -> None:
@@ -320,6 +330,7 @@ class CropVerifier:
         descriptors: Sequence[Sequence[Tensor]] | None = None,
         coco: tuple[Tensor, Tensor | None] | None = None,
         hub: dict[str, Tensor] | None = None,
+        colours: Tensor | None = None,
     ) -> Tensor:
         """Re-score ``y``: candidates get the verified score, every other anchor 0.
 
@@ -342,6 +353,8 @@ class CropVerifier:
                 :attr:`coco` allows; None: not used.
             hub: The model's hubness bank (:func:`~yolo_fewshot.nn.hubness.bank_embeddings`), for the correction
                 :attr:`hubness` weighs; None: no correction.
+            colours: The classes' colour histograms ``[B|1, N, H]`` (the mean of each class's references',
+                :mod:`~yolo_fewshot.nn.colour`), compared when :attr:`colour` allows; None: not used.
 
         Returns:
             ``[B, 4 + N, A + E]`` (``E`` = :meth:`extra_columns`): the head's boxes unchanged, then the CenterNet
@@ -351,7 +364,7 @@ class CropVerifier:
         out, idx, col, cbox, cobj = self.candidates(img, y, obj, keypoints)
         if not len(idx):
             return out
-        cos = self.compare(trunk, img, idx, cbox, protos, y.shape[1] - 4, layouts, descriptors, coco, hub)
+        cos = self.compare(trunk, img, idx, cbox, protos, y.shape[1] - 4, layouts, descriptors, coco, hub, colours)
         out[idx, 4:, col] = self.score(cos, cobj, idx, y.shape[0]).to(y.dtype)
         return out
 
@@ -421,10 +434,12 @@ class CropVerifier:
         descriptors: Sequence[Sequence[Tensor]] | None = None,
         coco: tuple[Tensor, Tensor | None] | None = None,
         hub: dict[str, Tensor] | None = None,
+        colours: Tensor | None = None,
     ) -> Tensor:
         """Similarity ``[C, N]`` of each candidate crop (image ``idx``, box ``cbox``) with each of the ``n`` classes:
         the masked-mean cosine, mixed with the layouts' (:attr:`layout`) and the COCO embedding's (:attr:`coco`),
-        plus keypoint votes (:attr:`votes`), minus each class's hubness offset (:attr:`hubness`, bank ``hub``)."""
+        plus keypoint votes (:attr:`votes`) and the colour histograms' agreement (:attr:`colour`, ``colours``), minus
+        each class's hubness offset (:attr:`hubness`, bank ``hub``)."""
         b = img.shape[0]
         crops, masks = self.crops(img, idx, cbox.to(img.dtype))
         n_crops = 16 * max(1, self.chunk)
@@ -456,6 +471,10 @@ class CropVerifier:
             and any(sum(len(t) > 0 for t in r) > 1 for r in descriptors)
         ):
             cos = cos + wv * torch.log1p(self.count_votes(crops, masks, idx, descriptors)).to(cos)
+        wcol = float((0.15 if self.top1 else 0.0) if self.colour is None else self.colour)
+        if wcol > 0 and colours is not None and colours.shape[-2] == n:  # (negative classes have none)
+            bc = colour_similarity(colour_histograms(crops, masks), colours, b, idx)
+            cos = cos + wcol * (bc - COLOUR_UNRELATED)
         return cos
 
     def score(self, cos: Tensor, cobj: Tensor, idx: Tensor, b: int) -> Tensor:

@@ -60,6 +60,9 @@ class ClassReferences:
     # COCO embedding of each reference [K, D] (may be none; yolo_fewshot.nn.coco_embedding): category search mixes its
     # cosine into the candidates' similarity
     coco: Tensor | None = None
+    # colour histogram of each reference [K, H] (may be none; yolo_fewshot.nn.colour): instance search adds its
+    # agreement with the candidates' to their similarity
+    colours: Tensor | None = None
 
     @property
     def k(self) -> int:
@@ -123,11 +126,12 @@ class ReferenceBank:
         layouts: Sequence[Tensor] = (),
         descriptors: Sequence[Tensor] = (),
         coco: Tensor | None = None,
+        colours: Tensor | None = None,
     ) -> None:
         """Add a class (its per-level ``[K, M, D_l]`` embeddings, optional negatives, keypoints of its references
         for ``proposals=...+keypoints``, layout descriptors ``[K, 2, G * G * D_l]`` per level, each reference's
-        crop descriptors ``[P_k, 128]`` for keypoint votes and their COCO embeddings ``[K, D]``); other classes are
-        untouched.
+        crop descriptors ``[P_k, 128]`` for keypoint votes, their COCO embeddings ``[K, D]`` and colour histograms
+        ``[K, H]``); other classes are untouched.
 
         Raises:
             ValueError: Empty or duplicate name, no reference, wrong shape, NaN.
@@ -168,8 +172,26 @@ class ReferenceBank:
                                  f"[{emb[0].shape[0]}, D]")  # fmt: skip
             check_values(coco, f"COCO embeddings of class '{name}'")
             coco = coco.contiguous()
+        if colours is not None:
+            colours = torch.as_tensor(colours).float()
+            if colours.ndim != 2 or colours.shape[0] != emb[0].shape[0]:
+                raise ValueError(f"colour histograms of class '{name}' have shape {tuple(colours.shape)}; expected "
+                                 f"[{emb[0].shape[0]}, H]")  # fmt: skip
+            check_values(colours, f"colour histograms of class '{name}'")
+            if (colours < 0).any():
+                raise ValueError(f"colour histograms of class '{name}' have negative bins")
+            colours = colours.contiguous()
         self.classes[name] = ClassReferences(
-            emb, list(sources or []), neg, list(negative_sources or []), thumbnail, list(keypoints), lay, desc, coco
+            emb,
+            list(sources or []),
+            neg,
+            list(negative_sources or []),
+            thumbnail,
+            list(keypoints),
+            lay,
+            desc,
+            coco,
+            colours,
         )
 
     def remove(self, name: str) -> None:
@@ -200,6 +222,14 @@ class ReferenceBank:
         if not coco or any(t is None for t in coco) or len({t.shape[1] for t in coco}) > 1:
             return None
         return torch.stack([t.mean(0) for t in coco])
+
+    def colour_prototypes(self) -> Tensor | None:
+        """The classes' colour histograms ``[N, H]`` (each the mean of its references'), or None unless every class
+        has them with one width."""
+        hists = [c.colours for c in self.classes.values()]
+        if not hists or any(t is None for t in hists) or len({t.shape[1] for t in hists}) > 1:
+            return None
+        return torch.stack([t.mean(0) for t in hists])
 
     def negative_prototypes(
         self, levels: int | None = None, method: str | None = None
@@ -250,6 +280,8 @@ class ReferenceBank:
                 tensors[f"c{i}.desc{j}"] = t
             if c.coco is not None:
                 tensors[f"c{i}.coco"] = c.coco
+            if c.colours is not None:
+                tensors[f"c{i}.colour"] = c.colours
             classes.append(
                 {
                     "name": name,
@@ -344,8 +376,8 @@ class ReferenceBank:
                 raise ValueError(f"class '{name}' lists descriptors but the file has no tensor {missing[0]}")
             desc = [tensors[f"c{i}.desc{j}"] for j in range(n_desc)]
             thumb = tensors.get(f"c{i}.thumb")
-            coco = tensors.get(f"c{i}.coco")
-            bank.add(name, pos, c.get("sources"), neg, c.get("negative_sources"), thumb, kps, lay, desc, coco)
+            coco, colours = tensors.get(f"c{i}.coco"), tensors.get(f"c{i}.colour")
+            bank.add(name, pos, c.get("sources"), neg, c.get("negative_sources"), thumb, kps, lay, desc, coco, colours)
         return bank
 
     def __repr__(self) -> str:

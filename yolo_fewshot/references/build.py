@@ -29,6 +29,7 @@ import yaml
 from torch import Tensor
 
 from ..encoders.base import SupportEncoder
+from ..nn.colour import colour_histograms
 from ..nn.keypoint_match import KeypointTemplate
 from ..nn.keypoint_votes import reference_descriptors
 from .bank import ReferenceBank
@@ -245,7 +246,7 @@ def build_bank(
         lay = layouts(crops, masks) if layouts is not None else []
         desc = reference_descriptors(crops, masks) if descriptors else []
         cemb = coco(crops, masks) if coco is not None else None
-        bank.add(name, emb, src, neg, nsrc, thumbnail(crops[0]), kps, lay, desc, cemb)
+        bank.add(name, emb, src, neg, nsrc, thumbnail(crops[0]), kps, lay, desc, cemb, colour_histograms(crops, masks))
     return bank
 
 
