@@ -297,25 +297,28 @@ def test_verification_in_chunks_gives_the_same_scores():
     torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
 
 
-def test_hubness_is_a_run_setting_of_verification(tmp_path, capsys):
+@pytest.mark.parametrize("key", ["hubness", "colour"])
+def test_verifier_weights_are_run_settings(key, tmp_path, capsys):
     from yolo_fewshot.cli import entrypoint
 
     m = FewShotYOLO(YAML)
     scene, box, cat = _pasted_scene()
-    m.predict(scene, refs={"cat": [cat], "gravel": [scene[:100, 200:]]}, hubness=0, conf=0.5, verbose=False)
-    assert m.model.verifier.hubness == 0.0 and m.model.verifier.top1 is True  # off, the rest as it was
-    m.predict(scene, hubness=0.75, conf=0.5, verbose=False)
-    assert m.model.verifier.hubness == 0.75
-    with pytest.raises(ValueError, match="hubness=0.5 needs crop verification on"):
-        m.model.set_verify(False, hubness=0.5)
-    with pytest.raises(ValueError, match=r"hubness=-1 must be a number in \[0, 2\]"):
-        m.predict(scene, hubness=-1, conf=0.5, verbose=False)
+    m.predict(scene, refs={"cat": [cat], "gravel": [scene[:100, 200:]]}, **{key: 0}, conf=0.5, verbose=False)
+    assert getattr(m.model.verifier, key) == 0.0 and m.model.verifier.top1 is True  # off, the rest as it was
+    m.predict(scene, **{key: 0.75}, conf=0.5, verbose=False)
+    assert getattr(m.model.verifier, key) == 0.75
+    m.track(scene, **{key: 0.25}, conf=0.5, verbose=False)
+    assert getattr(m.model.verifier, key) == 0.25
+    with pytest.raises(ValueError, match=f"{key}=0.5 needs crop verification on"):
+        m.model.set_verify(False, **{key: 0.5})
+    with pytest.raises(ValueError, match=rf"{key}=-1 must be a number in \[0, 2\]"):
+        m.predict(scene, **{key: -1}, conf=0.5, verbose=False)
     # on the command line: a known key, checked before any work, one line
     import cv2
 
     (tmp_path / "refs" / "cat").mkdir(parents=True)
     cv2.imwrite(str(tmp_path / "refs" / "cat" / "a.png"), cat)
-    argv = ["predict", f"model={YAML}", "hubness=yes", f"refs={tmp_path / 'refs'}", f"source={tmp_path / 'refs'}"]
+    argv = ["predict", f"model={YAML}", f"{key}=yes", f"refs={tmp_path / 'refs'}", f"source={tmp_path / 'refs'}"]
     assert entrypoint(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert "hubness='yes' must be a number in [0, 2]" in err and "\n" not in err
+    assert f"{key}='yes' must be a number in [0, 2]" in err and "\n" not in err

@@ -132,7 +132,8 @@ class FewShotYOLO(Model):
 
     def predict(
         self, source=None, stream: bool = False, predictor=None, refs: Any = None, verify: bool | None = None,
-        proposals: str | None = None, top1: bool | None = None, hubness: float | None = None, **kwargs: Any,
+        proposals: str | None = None, top1: bool | None = None, hubness: float | None = None,
+        colour: float | None = None, **kwargs: Any,
     ):  # fmt: skip
         """Ultralytics' predict on the model's references, or on ``refs`` (photos, folder or bank) set first;
         ``verify`` switches crop verification of prototype-head models (default: on), ``proposals`` picks its
@@ -140,17 +141,19 @@ class FewShotYOLO(Model):
         several joined by ``+``; default ``both``: head and CenterNet), ``top1`` whether classes compete
         for a box (default on: the references are instances; ``top1=False`` for category search), ``hubness`` the
         weight of instance search's hubness correction (default 0.5; 0: off, for a model whose training scenes hold the
-        objects searched for)."""
-        self._use_refs(refs, verify, proposals, top1, hubness)
+        objects searched for), ``colour`` the weight of its colour histograms (default 0.15; 0: off, for infrared or
+        night footage)."""
+        self._use_refs(refs, verify, proposals, top1, hubness, colour)
         with _fetch_errors(source):
             return super().predict(source, stream, predictor, **self._nms_defaults(kwargs))
 
     def track(
         self, source=None, stream: bool = False, persist: bool = False, refs: Any = None, verify: bool | None = None,
-        proposals: str | None = None, top1: bool | None = None, hubness: float | None = None, **kwargs: Any,
+        proposals: str | None = None, top1: bool | None = None, hubness: float | None = None,
+        colour: float | None = None, **kwargs: Any,
     ):  # fmt: skip
         """Ultralytics' track (its trackers give temporal consistency); references are encoded once, not per frame."""
-        self._use_refs(refs, verify, proposals, top1, hubness)
+        self._use_refs(refs, verify, proposals, top1, hubness, colour)
         with _fetch_errors(source):
             return super().track(source, stream, persist, **self._nms_defaults(kwargs))
 
@@ -201,17 +204,19 @@ class FewShotYOLO(Model):
         proposals: str | None = None,
         top1: bool | None = None,
         hubness: float | None = None,
+        colour: float | None = None,
     ) -> None:
         if verify is not None and isinstance(self.model, FewShotDetectionModel):
             on = bool(verify)
-            self.model.set_verify(verify, proposals if on else None, top1 if on else None, hubness if on else None)
+            weights = (hubness, colour) if on else (None, None)
+            self.model.set_verify(verify, proposals if on else None, top1 if on else None, *weights)
         elif isinstance(self.model, FewShotDetectionModel) and (
-            proposals is not None or top1 is not None or hubness is not None
+            proposals is not None or top1 is not None or hubness is not None or colour is not None
         ):
             if proposals is not None:
                 self.model.set_proposals(proposals)
-            if top1 is not None or hubness is not None:
-                self.model.set_verify(self.model.verifier or False, top1=top1, hubness=hubness)
+            if top1 is not None or hubness is not None or colour is not None:
+                self.model.set_verify(self.model.verifier or False, top1=top1, hubness=hubness, colour=colour)
         if refs is not None:
             self.set_references(refs)
         elif isinstance(self.model, FewShotDetectionModel) and self.model.prototypes is None:

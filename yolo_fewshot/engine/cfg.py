@@ -31,6 +31,9 @@ PLUGIN_DEFAULTS: dict[str, Any] = {
     # verification: weight of instance search's hubness correction (nn/hubness.py); None: the verifier's default (0.5
     # with top1, 0 without), 0: off (e.g. when the model's training scenes hold the very objects searched for)
     "hubness": None,
+    # verification: weight of instance search's colour histograms (nn/colour.py); None: the verifier's default (0.15
+    # with top1, 0 without), 0: off (e.g. infrared or night footage, where colour says nothing)
+    "colour": None,
     "finetune": False,  # TFA-style: train on K shots (shots=K) of every class, novel included; backbone frozen
 }
 
@@ -79,10 +82,11 @@ def check_settings(args: Any) -> None:
         parse_shots(get("shots"))
     if get("top1") is not None and not isinstance(get("top1"), bool):
         raise ValueError(f"top1={get('top1')!r} must be True or False")
-    if get("hubness") is not None:
-        from ..nn.verify import check_hubness
+    for key in ("hubness", "colour"):
+        if get(key) is not None:
+            from ..nn.verify import check_weight
 
-        check_hubness(get("hubness"))
+            check_weight(key, get(key))
     if get("proposals") is not None:
         from ..nn.verify import check_proposals
 

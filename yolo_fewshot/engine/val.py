@@ -78,8 +78,8 @@ class FewShotValidator(DetectionValidator):
             torch.set_num_threads(cpu_threads())
         if fs.can_verify:
             on = bool(self.args.verify)
-            hub = getattr(self.args, "hubness", None)
-            fs.set_verify(on, self.args.proposals if on else None, self.args.top1 if on else None, hub if on else None)
+            hub, col = (getattr(self.args, k, None) if on else None for k in ("hubness", "colour"))
+            fs.set_verify(on, self.args.proposals if on else None, self.args.top1 if on else None, hub, col)
         self.split = self.split or FewShotSplit.from_data(self.data)
         names = dict(self.split.names)
         fs.names = model.names = names

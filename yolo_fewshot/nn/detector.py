@@ -27,7 +27,7 @@ from .layout import layout_descriptors
 from .loss import EpisodicDetectionLoss, PrototypeDetectionLoss
 from .prototype_detect import PrototypeDetect
 from .prototypes import PrototypeConsumer, as_prototypes
-from .verify import CropVerifier, check_hubness, check_proposals
+from .verify import CropVerifier, check_proposals, check_weight
 
 BYPASS_NAMES = {0: "object"}
 
@@ -224,12 +224,14 @@ class FewShotDetectionModel(DetectionModel):
         proposals: str | None = None,
         top1: bool | None = None,
         hubness: float | None = None,
+        colour: float | None = None,
     ) -> None:
         """Switch crop verification (:class:`~yolo_fewshot.nn.verify.CropVerifier`) on (default settings or the given
         ones) or off; refused for a model that cannot verify. ``proposals`` (``head``, ``centernet``, ``keypoints``,
         joined by ``+``; ``both`` = ``head+centernet``) picks the candidates' sources, ``top1`` whether classes compete
         for a box (instances: yes; categories: no), ``hubness`` the weight of instance search's hubness correction
-        (:attr:`~yolo_fewshot.nn.verify.CropVerifier.hubness`; 0: off) (default: the verifier's own)."""
+        (:attr:`~yolo_fewshot.nn.verify.CropVerifier.hubness`; 0: off), ``colour`` the weight of its colour histograms
+        (:attr:`~yolo_fewshot.nn.verify.CropVerifier.colour`; 0: off) (default: the verifier's own)."""
         if on and not self.can_verify:
             raise ValueError(
                 "verify=True needs a prototype-head model on a frozen trunk (e.g. yolov8n-lite0-proto.yaml)"
@@ -243,11 +245,12 @@ class FewShotDetectionModel(DetectionModel):
             if self.verifier is None:
                 raise ValueError(f"top1={top1} needs crop verification on (verify=True)")
             self.verifier = dataclasses.replace(self.verifier, top1=top1)
-        if hubness is not None:
-            check_hubness(hubness)
-            if self.verifier is None:
-                raise ValueError(f"hubness={hubness} needs crop verification on (verify=True)")
-            self.verifier = dataclasses.replace(self.verifier, hubness=float(hubness))
+        for key, value in (("hubness", hubness), ("colour", colour)):
+            if value is not None:
+                check_weight(key, value)
+                if self.verifier is None:
+                    raise ValueError(f"{key}={value} needs crop verification on (verify=True)")
+                self.verifier = dataclasses.replace(self.verifier, **{key: float(value)})
 
     def set_proposals(self, proposals: str) -> None:
         """Where verification takes its candidates: ``head`` (the head's best boxes), ``centernet`` (the COCO

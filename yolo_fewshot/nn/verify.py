@@ -86,10 +86,18 @@ def proposal_sources(value: str) -> frozenset[str]:
     return frozenset(names)
 
 
-def check_hubness(value: object) -> float:
-    """A hubness weight (:attr:`CropVerifier.hubness`) as a float; one-line ``ValueError`` for anything else."""
+# the verifier's weights a run may set (predict, track, val, CLI), with their defaults for the one-line error
+RUN_WEIGHTS: dict[str, str] = {
+    "hubness": "default 0.5 for instance search",
+    "colour": "default 0.15 for instance search",
+}
+
+
+def check_weight(key: str, value: object) -> float:
+    """A run setting's verifier weight (:data:`RUN_WEIGHTS`: :attr:`CropVerifier.hubness`, :attr:`CropVerifier.colour`)
+    as a float in [0, 2]; one-line ``ValueError`` for anything else."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 2:
-        raise ValueError(f"hubness={value!r} must be a number in [0, 2] (0: off; default 0.5 for instance search)")
+        raise ValueError(f"{key}={value!r} must be a number in [0, 2] (0: off; {RUN_WEIGHTS[key]})")
     return float(value)
 
 
