@@ -113,3 +113,23 @@ def test_references_carry_their_colour_histograms_into_the_model_and_a_saved_ban
         bank.add("x", c.embeddings, colours=torch.ones(2, 48))
     with pytest.raises(ValueError, match="negative bins"):
         bank.add("x", c.embeddings, colours=-torch.ones(1, 48))
+
+
+def test_a_bank_file_with_damaged_colour_histograms_is_one_line(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    m = FewShotYOLO("yolov8n-lite0-proto.yaml")
+    path = m.set_references({"cat": [data.chelsea()]}).save(tmp_path / "bank.safetensors")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    for name, bad, msg in (
+        ("wide", torch.ones(2, 48) / 48, r"colour histograms of class 'cat' have shape \(2, 48\); expected \[1, H\]"),
+        ("nan", torch.full((1, 48), float("nan")), "colour histograms of class 'cat'"),
+        ("negative", -torch.ones(1, 48), "colour histograms of class 'cat' have negative bins"),
+    ):
+        save_file({**tensors, "c0.colour": bad}, str(tmp_path / f"{name}.safetensors"), metadata=meta)
+        with pytest.raises(ValueError, match=msg) as e:
+            ReferenceBank.load(tmp_path / f"{name}.safetensors")
+        assert "\n" not in str(e.value) and "rebuild it" in str(e.value)
