@@ -133,3 +133,37 @@ def test_a_bank_file_with_damaged_colour_histograms_is_one_line(tmp_path):
         with pytest.raises(ValueError, match=msg) as e:
             ReferenceBank.load(tmp_path / f"{name}.safetensors")
         assert "\n" not in str(e.value) and "rebuild it" in str(e.value)
+
+
+def test_a_bank_saved_without_colour_histograms_loads_and_says_what_it_lacks(tmp_path):
+    import logging
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    from ultralytics.utils import LOGGER
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    m = FewShotYOLO("yolov8n-lite0-proto.yaml")
+    path = m.set_references({"cat": [data.chelsea()]}).save(tmp_path / "bank.safetensors")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    old = {k: v for k, v in load_file(str(path)).items() if not k.endswith(".colour")}  # as banks were before
+    save_file(old, str(tmp_path / "old.safetensors"), metadata=meta)
+    seen, keep = [], Keep(logging.WARNING)
+    LOGGER.addHandler(keep)
+    try:
+        m.set_references(str(tmp_path / "old.safetensors"))
+    finally:
+        LOGGER.removeHandler(keep)
+    assert m.model.colours is None and m.model.prototypes is not None  # usable, without the colour cue
+    assert any("has no colour histograms" in s and "rebuild it" in s for s in seen), seen
+    seen.clear()
+    LOGGER.addHandler(keep)
+    try:
+        m.set_references(str(path))  # a bank with them: no warning, colours set
+    finally:
+        LOGGER.removeHandler(keep)
+    assert not seen and m.model.colours is not None

@@ -304,6 +304,14 @@ class FewShotYOLO(Model):
         self.model.set_descriptors([torch.cat(d) for d in desc] if all(desc) else None)
         self.model.set_coco(bank.coco_prototypes())
         self.model.set_colours(bank.colour_prototypes())
+        if self.model.can_verify and bank.colour_prototypes() is None:
+            from ultralytics.utils import LOGGER
+
+            # a bank saved before colour histograms were kept: still usable, but without instance search's colour cue
+            LOGGER.warning(
+                f"reference bank of {bank.names} has no colour histograms (saved before 2026-12-06): instance search "
+                "runs without its colour cue; rebuild it from the photos (set_references(photos), then save) to use it"
+            )
         self.model.reference_thumbnails = {
             n: c.thumbnail.numpy() for n, c in bank.classes.items() if c.thumbnail is not None
         }
