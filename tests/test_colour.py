@@ -73,6 +73,7 @@ def test_bhattacharyya_coefficient_ranks_the_same_colours_first():
 
 
 def test_instance_search_adds_the_colour_agreement_and_category_search_does_not():
+    torch.manual_seed(0)
     photos = (data.chelsea(), data.astronaut(), data.coffee())
     pairs = [make_crop(im, None, 128, 0.1) for im in photos]
     crops, masks = torch.stack([c for c, _ in pairs]), torch.stack([m for _, m in pairs])
@@ -83,7 +84,7 @@ def test_instance_search_adds_the_colour_agreement_and_category_search_does_not(
 
     def compare(v: CropVerifier, with_colours=True):
         v.crops = lambda img, i, b: (crops, masks)  # the crops themselves, not cut from a scene
-        return v.compare(lambda x: feats, torch.zeros(1, 3, 64, 64), idx, torch.zeros(3, 4), protos, 3,
+        return v.compare(lambda x: feats, torch.rand(1, 3, 64, 64), idx, torch.zeros(3, 4), protos, 3,
                          colours=colours if with_colours else None)  # fmt: skip
 
     inst = CropVerifier(top1=True, layout=0.0, votes=0.0, hubness=0.0, levels=1)
@@ -167,3 +168,27 @@ def test_a_bank_saved_without_colour_histograms_loads_and_says_what_it_lacks(tmp
     finally:
         LOGGER.removeHandler(keep)
     assert not seen and m.model.colours is not None
+
+
+def test_grey_frames_are_not_compared_by_colour():
+    torch.manual_seed(0)
+    pairs = [make_crop(im, None, 128, 0.1) for im in (data.chelsea(), data.astronaut(), data.coffee())]
+    crops, masks = torch.stack([c for c, _ in pairs]), torch.stack([m for _, m in pairs])
+    colours = colour_histograms(crops, masks)[None]
+    feats = [torch.rand(3, d, 4, 4) for d in (24, 40, 112, 320)]
+    protos = [torch.randn(1, 3, 1, d) for d in (40, 112, 320)]
+    idx = torch.tensor([0, 1, 1])  # the first crop from a colour frame, the others from a grey one
+    scenes = torch.rand(2, 3, 64, 64)
+    scenes[1] = scenes[1, :1]  # grey: three equal channels (an infrared frame)
+    noisy = scenes.clone()
+    noisy[1] += torch.randn(3, 64, 64) * 0.002  # a grey frame saved as a colour JPEG: a little chroma noise
+
+    def compare(colour: float, img: torch.Tensor) -> torch.Tensor:
+        v = CropVerifier(top1=True, layout=0.0, votes=0.0, hubness=0.0, levels=1, colour=colour)
+        v.crops = lambda im, i, b: (crops, masks)  # the crops themselves, not cut from a scene
+        return v.compare(lambda x: feats, img, idx, torch.zeros(3, 4), protos, 3, colours=colours)
+
+    for img in (scenes, noisy):
+        on, off = compare(0.15, img), compare(0.0, img)
+        torch.testing.assert_close(on[1:], off[1:])  # grey frame: no colour term
+        assert not torch.allclose(on[0], off[0])  # colour frame: compared

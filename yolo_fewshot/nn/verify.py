@@ -54,6 +54,10 @@ from .keypoint_match import KeypointTemplate, keypoint_boxes
 from .keypoint_votes import crop_descriptors, keypoint_votes
 from .layout import layout_similarity
 
+# a frame whose pixels' channels differ by no more than this on average is grey (colour comparison skipped): an
+# infrared or monochrome frame, even saved as a colour JPEG (its chroma noise averages ~1/255); a hazy colour scene
+# still averages several times this
+GREY_TOLERANCE = 0.01
 PROPOSALS = ("head", "centernet", "keypoints")  # the sources; a setting joins them with "+" ("both": head+centernet)
 _CENTERNET: dict[str, object] = {}  # device -> the CenterNet network, loaded on first use
 
@@ -243,7 +247,8 @@ class CropVerifier:
             other colours falls. None (default): 0.15 for instance search (:attr:`top1`), 0 for category search
             (another member of a class may be another colour). The frozen ImageNet trunk pools away much of what
             tells one apple from its look-alikes, colour; instance search, found at <= 0.2 false positives per scene
-            (``tools/probe_found.py``; README "Colour"). Costs a histogram of each crop (no network).
+            (``tools/probe_found.py``; README "Colour"). Costs a histogram of each crop (no network). Off by itself in
+            grey frames (channels within :data:`GREY_TOLERANCE` on average: infrared or monochrome footage).
         chunk: Images per CenterNet pass and ``16 * chunk`` crops per trunk pass. Ultralytics hands ``predict`` a list
             of image paths as one batch (150 benchmark scenes took 15-19 GB in one pass); in chunks the memory stays
             bounded and the results are the same (60 scenes as one list: peak RSS 7.8 -> 3.0 GB, the same 123
@@ -482,7 +487,9 @@ class CropVerifier:
         wcol = float((0.15 if self.top1 else 0.0) if self.colour is None else self.colour)
         if wcol > 0 and colours is not None and colours.shape[-2] == n:  # (negative classes have none)
             bc = colour_similarity(colour_histograms(crops, masks), colours, b, idx)
-            cos = cos + wcol * (bc - COLOUR_UNRELATED)
+            # a grey frame (infrared, night, a monochrome camera) has no colour to compare: not a mismatch
+            chromatic = (img.amax(1) - img.amin(1)).float().flatten(1).mean(1) > GREY_TOLERANCE  # [B]
+            cos = cos + wcol * chromatic[idx, None].to(cos) * (bc - COLOUR_UNRELATED)
         return cos
 
     def score(self, cos: Tensor, cobj: Tensor, idx: Tensor, b: int) -> Tensor:
