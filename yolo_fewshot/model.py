@@ -141,8 +141,8 @@ class FewShotYOLO(Model):
         several joined by ``+``; default ``both``: head and CenterNet), ``top1`` whether classes compete
         for a box (default on: the references are instances; ``top1=False`` for category search), ``hubness`` the
         weight of instance search's hubness correction (default 0.5; 0: off, for a model whose training scenes hold the
-        objects searched for), ``colour`` the weight of its colour histograms (default 0.15; 0: off, for infrared or
-        night footage)."""
+        objects searched for), ``colour`` the weight of its colour histograms (default 0.15; grey frames skip it by
+        themselves; 0: off, e.g. where lighting changes colours)."""
         self._use_refs(refs, verify, proposals, top1, hubness, colour)
         with _fetch_errors(source):
             return super().predict(source, stream, predictor, **self._nms_defaults(kwargs))

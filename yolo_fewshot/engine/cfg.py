@@ -32,7 +32,7 @@ PLUGIN_DEFAULTS: dict[str, Any] = {
     # with top1, 0 without), 0: off (e.g. when the model's training scenes hold the very objects searched for)
     "hubness": None,
     # verification: weight of instance search's colour histograms (nn/colour.py); None: the verifier's default (0.15
-    # with top1, 0 without), 0: off (e.g. infrared or night footage, where colour says nothing)
+    # with top1, 0 without; grey frames skip it by themselves), 0: off (e.g. where lighting changes colours)
     "colour": None,
     "finetune": False,  # TFA-style: train on K shots (shots=K) of every class, novel included; backbone frozen
 }
