@@ -72,7 +72,7 @@ def record(model, scenes: list[Path], refs: Path, imgsz: int, **settings) -> lis
     before scoring), ``score`` [C, N]; ``settings``:
     :class:`~yolo_fewshot.nn.verify.CropVerifier` fields to change (e.g. ``centernet_topk=20``). The references
     are set on every call: that is what hands the predictor the freshly wrapped verifier."""
-    model.set_references(str(refs))
+    model.set_references(str(refs), keypoints=True if "keypoints" in str(settings.get("proposals", "")) else None)
     model.model.set_verify(True, top1=True)
     model.model.verifier = dataclasses.replace(model.model.verifier, **settings)
     verifier, rows = model.model.verifier, []
@@ -203,6 +203,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=None, help="verification crop side (px)")
     ap.add_argument("--csls", type=float, default=None, help="the verifier's hubness weight (0: off; default: its own)")
     ap.add_argument("--colour", type=float, default=None, help="the verifier's colour weight (0: off)")
+    ap.add_argument("--proposals", default=None, help="the verifier's candidate sources, e.g. head+keypoints")
     ap.add_argument("--hubness", type=int, default=0, help="bank: this many of the fold's training scenes (0: none)")
     ap.add_argument("--hubness-k", type=int, nargs="*", default=[10, 50], help="the bank's nearest candidates")
     ap.add_argument("--hubness-lam", type=float, nargs="*", default=[0.5, 0.75, 1.0], help="offset weights")
@@ -226,7 +227,7 @@ def main() -> None:
     try:
         references(root, names, refs, args.ref_detail)
         given = (("centernet_topk", args.centernet_topk), ("topk", args.topk), ("size", args.size),
-                 ("hubness", args.csls), ("colour", args.colour))  # fmt: skip
+                 ("hubness", args.csls), ("colour", args.colour), ("proposals", args.proposals))  # fmt: skip
         settings = {k: v for k, v in given if v is not None}
         scenes = record(model, [root / "images" / "test" / n for n in truth], refs, args.imgsz, **settings)
         train = sorted((data / f"fold{args.fold}" / "images" / "train").glob("*.jpg"))[: args.hubness]
@@ -244,6 +245,7 @@ def main() -> None:
         "size": args.size,
         "csls": args.csls,
         "colour": args.colour,
+        "proposals": args.proposals,
         **evaluate(scenes, truth, index, args.agnostic, args.fp, args.conf),
     }
     if bank:
