@@ -322,3 +322,17 @@ def test_verifier_weights_are_run_settings(key, tmp_path, capsys):
     assert entrypoint(argv) == 2
     err = capsys.readouterr().err.strip()
     assert f"{key}='yes' must be a number in [0, 2]" in err and "\n" not in err
+
+
+def test_confidences_stay_at_most_one_when_bonuses_take_the_similarity_past_one():
+    from yolo_fewshot.nn.verify import CropVerifier, soft_unit
+
+    x = torch.linspace(-1, 3, 401)
+    y = soft_unit(x)
+    assert torch.equal(y[x <= 0.9], x[x <= 0.9])  # the calibrated range is untouched
+    assert y.max() <= 1 and torch.all(y[1:] >= y[:-1])  # never past 1, order kept
+    near = x <= 1.5
+    assert torch.all(y[near][1:] > y[near][:-1])  # strictly (float32 rounds tanh to 1 only far past the knee)
+    cos = torch.tensor([[1.4, 0.2], [0.95, 0.1], [0.6, 0.3]])  # votes and colour can lift a cosine past 1
+    score = CropVerifier(top1=True).score(cos, torch.ones(3), torch.arange(3), 3)
+    assert score.max() <= 1 and score[0, 0] > score[1, 0] > score[2, 0]

@@ -498,7 +498,9 @@ class CropVerifier:
         competition (:attr:`top1`), the calibration power (:attr:`gamma`) and one instance per scene (:attr:`once`).
         """
         obj_power = float((0.5 if self.top1 else 1.0) if self.obj_power is None else self.obj_power)
-        score = cos.clamp_min(0).pow(self.sim_power) * cobj.to(cos).pow(obj_power)[:, None]
+        # the similarity is a cosine plus bonuses (keypoint votes, colour) that can take it past 1: squashed into [0, 1]
+        # above a knee, so a confidence stays a confidence (<= 1) and the order of the similarities is kept
+        score = soft_unit(cos).clamp_min(0).pow(self.sim_power) * cobj.to(cos).pow(obj_power)[:, None]
         if self.top1:
             score = score * exclusive(cos, self.margin)
         score = score.pow(self.gamma)
@@ -600,6 +602,12 @@ def parts(boxes: Tensor, wholes: Tensor, valid: Tensor, share: float = 0.7) -> T
     area = (boxes[:, 2:] - boxes[:, :2]).clamp_min(0).prod(-1)[:, None]
     whole = (wholes[..., 2:] - wholes[..., :2]).clamp_min(0).prod(-1)
     return (valid & (inter >= share * area) & (whole >= 2 * area)).any(1)
+
+
+def soft_unit(x: Tensor, knee: float = 0.9) -> Tensor:
+    """``x`` below ``knee``; above it, squashed smoothly and strictly increasingly towards 1 (``knee + (1 - knee) *
+    tanh((x - knee) / (1 - knee))``: continuous with slope 1 at the knee), so the result never exceeds 1."""
+    return torch.where(x <= knee, x, knee + (1 - knee) * torch.tanh((x - knee) / (1 - knee)))
 
 
 def exclusive(cos: Tensor, margin: float) -> Tensor:
