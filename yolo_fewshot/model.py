@@ -303,8 +303,9 @@ class FewShotYOLO(Model):
         desc = [c.descriptors for c in bank.classes.values()]
         self.model.set_descriptors([torch.cat(d) for d in desc] if all(desc) else None)
         self.model.set_coco(bank.coco_prototypes())
-        self.model.set_colours(bank.colour_prototypes())
-        if self.model.can_verify and bank.colour_prototypes() is None:
+        colours = bank.colour_prototypes()
+        self.model.set_colours(colours)
+        if self.model.can_verify and colours is None:
             from ultralytics.utils import LOGGER
 
             # a bank saved before colour histograms were kept: still usable, but without instance search's colour cue

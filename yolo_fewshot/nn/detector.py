@@ -159,31 +159,26 @@ class FewShotDetectionModel(DetectionModel):
         """The classes' COCO embeddings ``[B|1, N, D]`` or ``[N, D]`` (the mean of each class's references',
         :mod:`~yolo_fewshot.nn.coco_embedding`), mixed into category search's similarity; None clears them. Set after
         :meth:`set_prototypes`, which clears them."""
-        if embeddings is None:
-            self.coco_prototypes = None
-            return
-        t = embeddings[None] if embeddings.ndim == 2 else embeddings
-        if self.prototypes is None or t.ndim != 3 or t.shape[1] != len(self.names):
-            raise ValueError(
-                f"COCO embeddings of shape {tuple(embeddings.shape)}; expected [B|1, {len(self.names)}, D] for the "
-                f"model's {len(self.names)} classes"
-            )
-        self.coco_prototypes = t.float().to(next(self.parameters()).device)
+        self.coco_prototypes = self._per_class(embeddings, "COCO embeddings", "D")
 
     def set_colours(self, hists: Tensor | None) -> None:
         """The classes' colour histograms ``[B|1, N, H]`` or ``[N, H]`` (the mean of each class's references',
         :mod:`~yolo_fewshot.nn.colour`), compared with the candidates' by instance search; None clears them. Set after
         :meth:`set_prototypes`, which clears them."""
-        if hists is None:
-            self.colours = None
-            return
-        t = hists[None] if hists.ndim == 2 else hists
-        if self.prototypes is None or t.ndim != 3 or t.shape[1] != len(self.names):
+        self.colours = self._per_class(hists, "colour histograms", "H")
+
+    def _per_class(self, t: Tensor | None, what: str, width: str) -> Tensor | None:
+        """One vector per class, ``[N, W]`` or per image ``[B|1, N, W]``, as float32 ``[B|1, N, W]`` on the model's
+        device (None stays None); one-line ValueError for another shape or before prototypes are set."""
+        if t is None:
+            return None
+        out = t[None] if t.ndim == 2 else t
+        if self.prototypes is None or out.ndim != 3 or out.shape[1] != len(self.names):
             raise ValueError(
-                f"colour histograms of shape {tuple(hists.shape)}; expected [B|1, {len(self.names)}, H] for the "
-                f"model's {len(self.names)} classes"
+                f"{what} of shape {tuple(t.shape)}; expected [B|1, {len(self.names)}, {width}] for the model's "
+                f"{len(self.names)} classes"
             )
-        self.colours = t.float().to(next(self.parameters()).device)
+        return out.float().to(next(self.parameters()).device)
 
     @property
     def coco(self) -> tuple[Tensor, Tensor | None] | None:

@@ -165,22 +165,11 @@ class ReferenceBank:
                                  "expected [P, 128]")  # fmt: skip
             check_values(t, f"descriptors of class '{name}'")
             desc.append(t.contiguous())
-        if coco is not None:
-            coco = torch.as_tensor(coco).float()
-            if coco.ndim != 2 or coco.shape[0] != emb[0].shape[0]:
-                raise ValueError(f"COCO embeddings of class '{name}' have shape {tuple(coco.shape)}; expected "
-                                 f"[{emb[0].shape[0]}, D]")  # fmt: skip
-            check_values(coco, f"COCO embeddings of class '{name}'")
-            coco = coco.contiguous()
-        if colours is not None:
-            colours = torch.as_tensor(colours).float()
-            if colours.ndim != 2 or colours.shape[0] != emb[0].shape[0]:
-                raise ValueError(f"colour histograms of class '{name}' have shape {tuple(colours.shape)}; expected "
-                                 f"[{emb[0].shape[0]}, H]")  # fmt: skip
-            check_values(colours, f"colour histograms of class '{name}'")
-            if (colours < 0).any():
-                raise ValueError(f"colour histograms of class '{name}' have negative bins")
-            colours = colours.contiguous()
+        k = emb[0].shape[0]
+        coco = None if coco is None else _per_reference(coco, k, f"COCO embeddings of class '{name}'", "D")
+        colours = None if colours is None else _per_reference(colours, k, f"colour histograms of class '{name}'", "H")
+        if colours is not None and (colours < 0).any():
+            raise ValueError(f"colour histograms of class '{name}' have negative bins")
         self.classes[name] = ClassReferences(
             emb,
             list(sources or []),
@@ -385,6 +374,15 @@ class ReferenceBank:
             f"ReferenceBank({len(self)} classes {self.names}, K={[c.k for c in self.classes.values()]}, "
             f"encoder={self.spec.name}, method={self.method})"
         )
+
+
+def _per_reference(t: Tensor, k: int, what: str, width: str) -> Tensor:
+    """One vector per reference ``[k, width]`` (float32, contiguous), checked; one-line ValueError otherwise."""
+    t = torch.as_tensor(t).float()
+    if t.ndim != 2 or t.shape[0] != k:
+        raise ValueError(f"{what} have shape {tuple(t.shape)}; expected [{k}, {width}]")
+    check_values(t, what)
+    return t.contiguous()
 
 
 def _keypoints(tensors: dict[str, Tensor], key: str, name: str, size) -> KeypointTemplate:
