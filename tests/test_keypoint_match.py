@@ -73,7 +73,10 @@ def test_proposals_setting_joins_sources():
 def test_keypoint_proposal_is_the_top_detection_through_the_predictor():
     ref, scene, box = _scene()
     m = FewShotYOLO(YAML)
-    m.set_references({"astronaut": [ref]})  # default proposals (both): no keypoints are found, they cost time
+    m.set_references({"astronaut": [ref]})  # instance search's default candidates include keypoints: found
+    assert len(m.model.keypoints) == 1 and len(m.model.keypoints[0][0]) > 50
+    m.model.set_verify(True, top1=False)  # category search's default (both): none are found, they cost time
+    m.set_references({"astronaut": [ref]})
     assert m.model.keypoints == [[]]
     bgr = np.ascontiguousarray(scene[..., ::-1])
     with pytest.raises(ValueError, match=r"^proposals=keypoints needs the references' keypoints.*pass refs= with it"):

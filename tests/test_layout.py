@@ -75,7 +75,8 @@ def test_references_get_layouts_that_instance_verification_uses(tmp_path):
     r2 = m.predict(scene, imgsz=320, conf=0.001, verbose=False)[0]
     m.model.layouts = saved
     assert len(r1.boxes) and len(r2.boxes)
-    assert not torch.allclose(r1.boxes.conf.sort().values[-1:], r2.boxes.conf.sort().values[-1:])
+    k = min(len(r1.boxes), len(r2.boxes), 5)  # (the best box's score can sit where soft_unit saturates, near 1)
+    assert not torch.allclose(r1.boxes.conf.sort().values[-k:], r2.boxes.conf.sort().values[-k:])
     # the verifier's switch: layout=0 compares the prototypes only, even when the references have layouts
     v = CropVerifier(layout=0.0)
     calls = []

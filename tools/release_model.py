@@ -25,8 +25,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, help="tools/run_benchmark.py results.json of the same run")
     ap.add_argument("--command", required=True, help="the exact training command (for the card)")
     ap.add_argument("--hardware", default="2 CPU cores (AMD EPYC), no GPU, torch 2.14.1, ultralytics 8.4.190")
-    ap.add_argument("--data", type=Path, help="the training data YAML: the COCO centre and hubness bank if missing")
+    ap.add_argument(
+        "--data", type=Path, help="the training data YAML: the COCO centre, hubness bank and whitening if missing"
+    )
+    ap.add_argument(
+        "--refresh",
+        action="store_true",
+        help="recompute the hubness bank and whitening from --data even where the model has them (after a change to "
+        "how verification cuts its crops)",
+    )
     a = ap.parse_args(argv)
+    if a.refresh and a.data is None:
+        print("--refresh needs --data (the training data YAML the statistics are computed from)")
+        return 2
 
     import yolo_fewshot  # noqa: F401  (registration, safe loading)
     from yolo_fewshot.checkpoint import read_checkpoint
@@ -38,8 +49,11 @@ def main(argv: list[str] | None = None) -> int:
 
         model = load_pretrained(a.checkpoint)
         card = {**read_card(a.checkpoint), "command": a.command}
+        if a.refresh:
+            model.hubness_bank = model.whitening = None
         _coco_center(model, a.data)
         card.update(_hubness_bank(model, a.data))
+        card.update(_whitening(model, a.data))
         path = save_pretrained(model, a.out, card)
         print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB), sha256 {sha256_of(path)}")
         return 0
@@ -66,8 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     model.coco_center = getattr(trained, "coco_center", None)
     model.hubness_bank = getattr(trained, "hubness_bank", None)
+    model.whitening = getattr(trained, "whitening", None)
+    if a.refresh:
+        model.hubness_bank = model.whitening = None
     _coco_center(model, a.data)
     card.update(_hubness_bank(model, a.data))
+    card.update(_whitening(model, a.data))
     path = save_pretrained(model, a.out, card)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB), sha256 {sha256_of(path)}")
     return 0
@@ -98,6 +116,24 @@ def _hubness_bank(model, data: Path | None) -> dict:
     n = len(next(iter(model.hubness_bank.values())))
     print(f"hubness bank from {data}'s training scenes: {n} objects")
     return {"hubness_bank": f"{n} labelled base-class objects of {data}'s training scenes (seed 0)"}
+
+
+def _whitening(model, data: Path | None) -> dict:
+    """Give ``model`` the learned whitening of its training data (``data``, a benchmark fold: its objects' identities)
+    when it has none; returns the card's line on it."""
+    if getattr(model, "whitening", None) is not None or data is None:
+        return {}
+    from ultralytics.data.utils import check_det_dataset
+
+    from yolo_fewshot.engine.train import training_whitening
+
+    try:
+        model.whitening = training_whitening(model, check_det_dataset(str(data)))
+    except FileNotFoundError as e:
+        print(f"no learned whitening: {e}")
+        return {}
+    print(f"learned whitening from {data}'s training scenes")
+    return {"whitening": f"fitted on {data}'s training-scene objects paired with clean photos of the same stamps"}
 
 
 if __name__ == "__main__":

@@ -224,7 +224,11 @@ class FewShotYOLO(Model):
                 "this model has no references to look for; pass refs= (photos, a <class>/ folder or a "
                 ".safetensors bank) or call set_references() first"
             )
-        elif self._wants_keypoints() and not any(self.model.__dict__.get("keypoints") or []):
+        elif (
+            self._wants_keypoints()
+            and self.model.verifier.proposals is not None  # asked for (the default uses keypoints where there are any)
+            and not any(self.model.__dict__.get("keypoints") or [])
+        ):
             raise ValueError(
                 f"proposals={self.model.verifier.proposals} needs the references' keypoints, which were not found "
                 "when they were set: pass refs= with it, or set_references(..., keypoints=True) first"

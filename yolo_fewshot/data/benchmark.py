@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -429,3 +429,67 @@ def build_benchmark(
     out.mkdir(parents=True, exist_ok=True)
     src = load_sources(cache, log)
     return [y for f in folds for y in build_fold(src, out, f, log=log, **kw)]
+
+
+# -- identities (a learned whitening's pairs) --------------------------------------------------------------------------
+def identity_pairs(
+    root: Path,
+    split: str = "train",
+    rgba: Mapping[str, np.ndarray] | None = None,
+    photos: int = 2,
+    scenes: int = 800,
+    seed: int = 123,
+) -> tuple[list[tuple[Path, list[list[float]], list[str]]], dict[str, list[tuple[np.ndarray, tuple]]]]:
+    """A split's objects with their identities, and reference-style photos of each: what a learned whitening
+    (:mod:`~yolo_fewshot.nn.whitening`) is fitted on.
+
+    Args:
+        root: A benchmark fold's folder (holds ``objects_<split>.json`` and ``images/<split>/``).
+        split: The split whose scenes are read.
+        rgba: The stamps' cut-outs by path (:attr:`Sources.rgba`); None: read from the Debian package cache
+            (``$YOLO_FEWSHOT_CACHE/debian`` or ``~/.cache/yolo_fewshot/debian``), checked against the manifest.
+        photos: Clean photos per stamp (:func:`~yolo_fewshot.data.compose.clean_photo`, 320 px), rendered as the
+            benchmark renders its references.
+        scenes: The first this many scenes of the split.
+        seed: The photos' random generator.
+
+    Returns:
+        Per scene its image, its objects' xyxy boxes (both sides >= 8 px) and their stamps; per stamp its photos as
+        ``(uint8 RGB [S, S, 3], xyxy box)``.
+
+    Raises:
+        FileNotFoundError: No ``objects_<split>.json`` under ``root`` (not a benchmark fold: no identities), or a stamp
+            missing from the package.
+    """
+    from .debian import default_cache
+
+    manifest = Path(root) / f"objects_{split}.json"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{manifest} not found: the data carries no object identities (a benchmark fold does)")
+    out, used = [], set()
+    for stem, objects in list(json.loads(manifest.read_text()).items())[:scenes]:
+        objects = [o for o in objects if o.get("stamp") and min(_sides(o["box"])) >= 8]
+        if objects:
+            image = Path(root) / "images" / split / f"{int(stem):06d}.jpg"
+            out.append((image, [list(map(float, o["box"])) for o in objects], [o["stamp"] for o in objects]))
+            used.update(o["stamp"] for o in objects)
+    if rgba is None:
+        stamp_root = fetch_debian(STAMPS[0], default_cache()) / STAMPS[1]
+        shas = {s.path: s.sha for s in load_stamps()}
+        rgba = {}
+        for path in sorted(used):
+            f = stamp_root / path
+            if not f.is_file() or (path in shas and _sha(f) != shas[path]):
+                raise FileNotFoundError(f"stamp {path} is missing or changed in {STAMPS[0]}: rebuild the benchmark")
+            rgba[path] = read_rgba(f)
+    missing = sorted(used - set(rgba))
+    if missing:
+        raise FileNotFoundError(f"no cut-out for stamps {missing[:3]} of {manifest}")
+    rng = np.random.default_rng(seed)
+    views = {path: [clean_photo(rgba[path], rng, 320) for _ in range(photos)] for path in sorted(used)}
+    return out, views
+
+
+def _sides(box: list) -> tuple[float, float]:
+    """An xyxy box's width and height."""
+    return box[2] - box[0], box[3] - box[1]

@@ -25,8 +25,9 @@ PLUGIN_DEFAULTS: dict[str, Any] = {
     "fewshot_cache": None,  # embedding cache dir (default: <dataset root>/.yolo_fewshot_cache)
     "verify": True,  # prototype-head models: re-score the top boxes by encoding their crops (off: one pass only)
     # verification's candidates: head (its best boxes), centernet (COCO CenterNet's), keypoints (SIFT matches of the
-    # references), joined by "+"; both = head+centernet
-    "proposals": "both",
+    # references), joined by "+"; both = head+centernet; None: the verifier's default (head+centernet+keypoints with
+    # top1, both without)
+    "proposals": None,
     "top1": True,  # verification: classes compete for a box (references are instances); False for category search
     # verification: weight of instance search's hubness correction (nn/hubness.py); None: the verifier's default (0.5
     # with top1, 0 without), 0: off (e.g. when the model's training scenes hold the very objects searched for)

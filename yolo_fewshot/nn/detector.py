@@ -27,7 +27,7 @@ from .layout import layout_descriptors
 from .loss import EpisodicDetectionLoss, PrototypeDetectionLoss
 from .prototype_detect import PrototypeDetect
 from .prototypes import PrototypeConsumer, as_prototypes
-from .verify import CropVerifier, check_proposals, check_weight
+from .verify import CATEGORY_SIZE, CropVerifier, check_proposals, check_weight
 
 BYPASS_NAMES = {0: "object"}
 
@@ -194,7 +194,10 @@ class FewShotDetectionModel(DetectionModel):
         crop size (the candidates' scale), CPU."""
         from .coco_embedding import coco_embed
 
-        size = self.verifier.size if self.__dict__.get("verifier") is not None else CropVerifier.size
+        # category search's crop side: only category search compares COCO embeddings, and the references are set
+        # before a run says which search it is
+        verifier = self.__dict__.get("verifier")
+        size = verifier.size if verifier is not None and verifier.size is not None else CATEGORY_SIZE
         crops = torch.nn.functional.interpolate(crops.float(), size=(size, size), mode="bilinear", antialias=True)
         masks = torch.nn.functional.interpolate(masks.float(), size=(size, size), mode="nearest")
         return coco_embed(crops, masks).cpu()
@@ -287,7 +290,7 @@ class FewShotDetectionModel(DetectionModel):
             kps, lay, desc = (self.__dict__.get(k) for k in ("keypoints", "layouts", "descriptors"))
             hub = self.__dict__.get("hubness_bank")  # instance search's hubness bank (nn/hubness.py), training data
             y = verifier(self.model[0], x, out[0], out[1]["obj"], self.prototypes, kps, lay, desc, self.coco, hub,
-                         self.__dict__.get("colours"))  # fmt: skip
+                         self.__dict__.get("colours"), self.__dict__.get("whitening"))  # fmt: skip
             out = y, out[1]
         neg = self.__dict__.get("_negative_of") or []
         if not neg or self.training:

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from ..encoders.base import masked_mean
 from .layout import GRID, layout_pool
+from .whitening import Whitening
 
 BANK_PREFIX = "hubness_bank."  # the bank's tensors in a pretrained file: ``hubness_bank.means.0``, ``.layouts.0``, ...
 
@@ -97,7 +98,12 @@ def check_bank(bank: dict[str, Tensor], dims: Sequence[int] | None = None) -> in
 
 
 def bank_similarity(
-    bank: dict[str, Tensor], protos: Sequence[Tensor], layouts: Sequence[Tensor] | None, share: float, levels: int
+    bank: dict[str, Tensor],
+    protos: Sequence[Tensor],
+    layouts: Sequence[Tensor] | None,
+    share: float,
+    levels: int,
+    white: Whitening | None = None,
 ) -> Tensor:
     """Similarity ``[B|1, N, K]`` of each class with each bank object, as verification compares a candidate
     (:meth:`~yolo_fewshot.nn.verify.CropVerifier.compare` without votes): the masked-mean cosine over the last
@@ -109,21 +115,31 @@ def bank_similarity(
         layouts: Per level the classes' layouts ``[B|1, N, 2, G * G * D_l]``, or None (masked means only).
         share: The layouts' share (0-1).
         levels: How many of the last levels are compared.
+        white: The model's whitening (:mod:`~yolo_fewshot.nn.whitening`), applied to both sides as verification
+            applies it to candidates and references; None: raw cosines.
     """
     have = sum(k.startswith("means.") for k in bank)
     n = min(levels, have, len(protos))
     cos = 0
     if share < 1 or not layouts:
-        for i, p in zip(range(have - n, have), protos[-n:]):
-            q = F.normalize(p.float().mean(2), dim=-1, eps=1e-6)  # [B|1, N, D]
-            cos = cos + q @ bank[f"means.{i}"].to(q).T
+        for j, (i, p) in enumerate(zip(range(have - n, have), protos[-n:])):
+            q, e = p.float().mean(2), bank[f"means.{i}"].float()  # [B|1, N, D], [K, D]
+            if white is not None:
+                q, e = white(q, j, n), white(e, j, n)
+            else:
+                q = F.normalize(q, dim=-1, eps=1e-6)
+            cos = cos + q @ e.to(q).T
         cos = cos / n
     if share > 0 and layouts:
         m = min(n, len(layouts))
         lay = 0
-        for i, t in zip(range(have - m, have), layouts[-m:]):
-            q = F.normalize(t.float(), dim=-1, eps=1e-6)  # [B|1, N, 2, G*G*D]
-            lay = lay + torch.einsum("bnvd,kd->bnkv", q, bank[f"layouts.{i}"].to(q)).amax(-1)
+        for j, (i, t) in enumerate(zip(range(have - m, have), layouts[-m:])):
+            q, e = t.float(), bank[f"layouts.{i}"].float()  # [B|1, N, 2, G*G*D], [K, G*G*D]
+            if white is not None:
+                q, e = white.cells(q, j, m), white.cells(e, j, m)
+            else:
+                q = F.normalize(q, dim=-1, eps=1e-6)
+            lay = lay + torch.einsum("bnvd,kd->bnkv", q, e.to(q)).amax(-1)
         cos = (1 - share) * cos + share * lay / m
     return cos
 

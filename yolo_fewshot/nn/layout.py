@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .whitening import Whitening
+
 GRID = 2  # cells per side: 2x2 beat 3x3 on two folds of three (0.843 / 0.532 / 0.488 vs 0.838 / 0.523 / 0.518)
 
 
@@ -69,7 +71,9 @@ def layout_descriptors(
     ]
 
 
-def layout_similarity(feats: Sequence[Tensor], masks: Tensor, layouts: Sequence[Tensor], idx: Tensor) -> Tensor:
+def layout_similarity(
+    feats: Sequence[Tensor], masks: Tensor, layouts: Sequence[Tensor], idx: Tensor, white: Whitening | None = None
+) -> Tensor:
     """Cosine ``[C, N]`` of each candidate crop with each class's layout, the better of direct and mirrored,
     averaged over levels.
 
@@ -78,12 +82,17 @@ def layout_similarity(feats: Sequence[Tensor], masks: Tensor, layouts: Sequence[
         masks: The boxes inside the crops ``[C, 1, S, S]``.
         layouts: Per level the classes' layouts ``[B|1, N, 2, G * G * D_l]`` (mean over each class's references).
         idx: Image of each crop ``[C]`` (selects the row of per-image layouts).
+        white: The model's whitening (:mod:`~yolo_fewshot.nn.whitening`): both sides' cells whitened; None: raw.
     """
     cos = 0
-    for f, lay in zip(feats[-len(layouts) :], layouts):
+    for i, (f, lay) in enumerate(zip(feats[-len(layouts) :], layouts)):
         grid = round((lay.shape[-1] / f.shape[1]) ** 0.5)
         e = layout_pool(f.float(), masks.float(), grid)  # [C, G*G*D], float32 whatever the model's precision
-        lay = F.normalize(lay.to(e.device, torch.float32), dim=-1, eps=1e-6)  # (layouts are kept on the CPU)
+        lay = lay.to(e.device, torch.float32)  # (layouts are kept on the CPU)
+        if white is not None:
+            e, lay = white.cells(e, i, len(layouts)), white.cells(lay, i, len(layouts))
+        else:
+            lay = F.normalize(lay, dim=-1, eps=1e-6)
         q = lay[idx] if len(lay) > 1 else lay[0].expand(len(idx), -1, -1, -1)  # [C, N, 2, G*G*D]
         cos = cos + torch.einsum("cnvd,cd->cnv", q, e).amax(-1)
     return cos / len(layouts)

@@ -18,10 +18,10 @@ Where the candidates come from (``proposals``, sources joined by ``+``):
 * ``keypoints``: each class's reference box projected into the scene through a SIFT + RANSAC homography
   (:mod:`yolo_fewshot.nn.keypoint_match`; objectness ``n / (n + keypoint_inliers)`` of its ``n`` inliers) —
   reference-driven, for the same instance seen again (a poster, a product, a building), whatever its class;
-* ``both`` (the default) is ``head+centernet``: CenterNet's boxes and the head's few best, but not a head box that is a
-  part of an object CenterNet is sure of (:attr:`CropVerifier.part`); e.g. ``centernet+keypoints`` unites COCO
-  objectness with keypoint matches, every candidate scored by the same verification (objects outside COCO's classes
-  still come from the head or keypoints).
+* ``both`` (category search's default; instance search's adds ``keypoints``) is ``head+centernet``: CenterNet's
+  boxes and the head's few best, but not a head box that is a part of an object CenterNet is sure of
+  (:attr:`CropVerifier.part`); e.g. ``centernet+keypoints`` unites COCO objectness with keypoint matches, every
+  candidate scored by the same verification (objects outside COCO's classes still come from the head or keypoints).
 
 Category search (``top1=False``) also compares each candidate in a second embedding, the COCO CenterNet's
 (:mod:`~yolo_fewshot.nn.coco_embedding`, :attr:`CropVerifier.coco`), and weights CenterNet's boxes by the head's
@@ -53,12 +53,18 @@ from .hubness import bank_similarity, hubness_offset
 from .keypoint_match import KeypointTemplate, keypoint_boxes
 from .keypoint_votes import crop_descriptors, keypoint_votes
 from .layout import layout_similarity
+from .whitening import Whitening
 
 # a frame whose pixels' channels differ by no more than this on average is grey (colour comparison skipped): an
 # infrared or monochrome frame, even saved as a colour JPEG (a grey photo re-encoded so: 0.0; four of the real-photo
 # set's scenes: 0.0); colour scenes average more (the demo's 40: 0.02-0.35, median 0.23; a photo fogged 75 %: 0.06)
 GREY_TOLERANCE = 0.01
 PROPOSALS = ("head", "centernet", "keypoints")  # the sources; a setting joins them with "+" ("both": head+centernet)
+INSTANCE_PROPOSALS = "head+centernet+keypoints"  # instance search's default sources (CropVerifier.proposals)
+# instance search's calibration power (CropVerifier.gamma), fitted on fold 0's instance protocol with the defaults
+# (224-px crops, whitening, keypoint candidates): its best threshold at <= 0.2 false positives per scene maps to 0.25
+INSTANCE_GAMMA = 0.47
+CATEGORY_SIZE = 128  # category search's crop side (CropVerifier.size), also its references' COCO embeddings'
 _CENTERNET: dict[str, object] = {}  # device -> the CenterNet network, loaded on first use
 
 
@@ -121,7 +127,12 @@ class CropVerifier:
             best boxes add the objects COCO's objectness misses without flooding the candidates (instance 1-shot AP50,
             probe, folds 0 / 1 / 2: the head's 10 + CenterNet's 10 0.779 / 0.437 / 0.497, its 3 + 10 0.782 / 0.455 /
             0.509).
-        size: Crop side fed to the trunk (pixels).
+        size: Crop side fed to the trunk (pixels). None (default): 224 for instance search (:attr:`top1`), the
+            side the references are encoded at (their prototypes, layouts and the whitening's pairs see the object at
+            the same scale), 128 for category search (:data:`CATEGORY_SIZE`, as measured there). Instance search,
+            found at <= 0.2 false positives per scene (``tools/probe_found.py``, the shipped model with its whitening):
+            the demo's scenes 74.8 / 77.2 / 75.6 / 78.7 % at 128 / 160 / 192 / 224 px, fold 0 77.5 -> 78.8 % at
+            128 -> 224 (96 px: 69.3 % on the demo). Costs a trunk pass over 3x the pixels per candidate.
         context: Context around each box, as a fraction of its longer side on each side (references use 0.1).
         iou: IoU of the candidate NMS (head candidates; CenterNet candidates among themselves).
         obj_power: Exponent of the objectness (the head's, or CenterNet's for its boxes) in the verified score. None
@@ -137,7 +148,11 @@ class CropVerifier:
             (measured: ``tools/probe_verify.py``, README "Verification").
         margin: Softness of that competition (cosine units); 0 keeps only the best class (a hard top-1).
         gamma: Calibration: the verified score ``cos^sim_power * obj^obj_power * competition`` is raised to this power
-            (monotone: rankings do not change) so that Ultralytics' default ``conf=0.25`` is a working point: on
+            (monotone: rankings do not change) so that Ultralytics' default ``conf=0.25`` is a working point. None
+            (default): :data:`INSTANCE_GAMMA` (0.47) for instance search, 0.5 for category search. 0.47 re-fitted
+            (2026-12-06) for instance search's 224-px crops, whitening and keypoint candidates: fold 0's instance
+            scenes (``tools/probe_found.py``) find 78.8 % at <= 0.2 false positives per scene above a score of 0.2307
+            at 0.5, which 0.47 maps to 0.25 (``0.5 * ln 0.25 / ln 0.2307``). Before, 0.5 on
             fold 0's instance protocol with the defaults (the head's and CenterNet's candidates, P3-P5, layouts,
             votes, once per scene; read from the validator's predictions), raw score 0.0625 (68 % of the objects
             found, 0.19 false positives per scene) maps to 0.25 (with CenterNet's candidates alone: 0.48, raw 0.056,
@@ -174,13 +189,18 @@ class CropVerifier:
             IoU 0.1-0.5 with it; 23 of 37 false positives above 0.2 on fold 1): instance 1-shot AP50 with CenterNet
             candidates and votes, folds 0 / 1 / 2, 0.828 / 0.550 / 0.523 -> 0.843 / 0.592 / 0.536 (validator; factor
             0.5 / 0.2 / 0 applied to the earlier predictions: fold 1 0.584 / 0.592 / 0.589).
-        proposals: Candidate sources: ``head``, ``centernet``, ``keypoints``, joined by ``+`` (module doc). Default
-            ``both``: CenterNet's boxes are the ones that work on real photographs (24/33 vs the head's 1/33) and
-            the tighter ones on the benchmark (instance AP50 fold 0 0.764 vs 0.753, fold 1 0.448 vs 0.410,
+        proposals: Candidate sources: ``head``, ``centernet``, ``keypoints``, joined by ``+`` (module doc). None
+            (default): :data:`INSTANCE_PROPOSALS` (``head+centernet+keypoints``) for instance search, where a
+            reference's SIFT match proposes the instance wherever neither network does (the demo's scenes, 224-px crops
+            and whitening: objects without a candidate 11 -> 8, found at <= 0.2 false positives per scene 78.7 ->
+            81.9 %; fold 0 78.8 % either way; references without keypoints, e.g. a bank saved without them, propose
+            none), and ``both`` for category search (another member of a class shares no keypoints with the references).
+            ``both``: CenterNet's boxes are the ones that work on real photographs (24/33 vs the head's 1/33) and the
+            tighter ones on the benchmark (instance AP50 fold 0 0.764 vs 0.753, fold 1 0.448 vs 0.410,
             ``tools/probe_verify.py``); the head's few best boxes add the pasted objects COCO's objectness misses
-            (flowers, plants: instance AP50, validator, folds 0 / 1 / 2, ``centernet`` 0.843 / 0.592 / 0.536,
-            ``both`` 0.865 / 0.628 / 0.682), and with :attr:`part` they cost no photograph (24/33 either way;
-            25/33 since the references keep their context ring, :func:`~yolo_fewshot.references.crops.crop_array`).
+            (flowers, plants: instance AP50, validator, folds 0 / 1 / 2, ``centernet`` 0.843 / 0.592 / 0.536, ``both``
+            0.865 / 0.628 / 0.682), and with :attr:`part` they cost no photograph (24/33 either way; 25/33 since the
+            references keep their context ring, :func:`~yolo_fewshot.references.crops.crop_array`).
             ``centernet+keypoints`` finds the same instance wherever COCO's objectness misses it (27/33; README
             "Real-photo evaluation set") for a SIFT pass over each scene.
         centernet_topk: CenterNet candidates per image (after their NMS); also the number of extra output columns.
@@ -249,6 +269,12 @@ class CropVerifier:
             tells one apple from its look-alikes, colour; instance search, found at <= 0.2 false positives per scene
             (``tools/probe_found.py``; README "Colour"). Costs a histogram of each crop (no network). Off by itself in
             grey frames (channels within :data:`GREY_TOLERANCE` on average: infrared or monochrome footage).
+        whiten: Compare the trunk's descriptors (candidates', references', their layouts' cells and the hubness
+            bank's) in the model's learned whitening (:mod:`~yolo_fewshot.nn.whitening`: the photo-to-scene nuisance
+            divided out), when the model has one (fitted where its training data says which object each box is).
+            None (default): on for instance search (:attr:`top1`), off for category search (fitted on pairs of one
+            object, it is no category metric). Instance search, found at <= 0.2 false positives per scene
+            (``tools/probe_found.py``, 128-px crops): fold 0 75.3 -> 77.5 %, the demo's scenes 72.4 -> 74.8 %.
         chunk: Images per CenterNet pass and ``16 * chunk`` crops per trunk pass. Ultralytics hands ``predict`` a list
             of image paths as one batch (150 benchmark scenes took 15-19 GB in one pass); in chunks the memory stays
             bounded and the results are the same (60 scenes as one list: peak RSS 7.8 -> 3.0 GB, the same 123
@@ -256,19 +282,19 @@ class CropVerifier:
     """
 
     topk: int | None = None
-    size: int = 128
+    size: int | None = None
     context: float = 0.1
     iou: float = 0.6
     obj_power: float | None = None
     sim_power: float = 4.0
     top1: bool = True
     margin: float = 0.02
-    gamma: float = 0.5
+    gamma: float | None = None
     levels: int | None = None
     layout: float | None = None
     votes: float | None = None
     once: float | None = None
-    proposals: str = "both"
+    proposals: str | None = None
     centernet_topk: int = 10
     centernet_size: int = 512
     keypoint_inliers: float = 10.0
@@ -279,15 +305,23 @@ class CropVerifier:
     hubness: float | None = None
     hubness_k: int = 10
     colour: float | None = None
+    whiten: bool | None = None
     chunk: int = 8
 
     def __post_init__(self) -> None:
-        check_proposals(self.proposals)
+        if self.proposals is not None:
+            check_proposals(self.proposals)
 
     @property
     def sources(self) -> frozenset[str]:
-        """The candidate sources of :attr:`proposals`."""
-        return proposal_sources(self.proposals)
+        """The candidate sources of :attr:`proposals` (None: :data:`INSTANCE_PROPOSALS` for instance search,
+        ``both`` for category search)."""
+        return proposal_sources(self.proposals or (INSTANCE_PROPOSALS if self.top1 else "both"))
+
+    @property
+    def crop_size(self) -> int:
+        """The crop side fed to the trunk (:attr:`size`; None: 224 for instance search, 128 for category search)."""
+        return int(self.size) if self.size is not None else (224 if self.top1 else CATEGORY_SIZE)
 
     def extra_columns(self, n: int = 0) -> int:
         """Anchor columns this verifier appends to the head's output for ``n`` classes (CenterNet's, then one keypoint
@@ -344,6 +378,7 @@ class CropVerifier:
         coco: tuple[Tensor, Tensor | None] | None = None,
         hub: dict[str, Tensor] | None = None,
         colours: Tensor | None = None,
+        white: dict[str, Tensor] | None = None,
     ) -> Tensor:
         """Re-score ``y``: candidates get the verified score, every other anchor 0.
 
@@ -368,6 +403,8 @@ class CropVerifier:
                 :attr:`hubness` weighs; None: no correction.
             colours: The classes' colour histograms ``[B|1, N, H]`` (the mean of each class's references',
                 :mod:`~yolo_fewshot.nn.colour`), compared when :attr:`colour` allows; None: not used.
+            white: The model's whitening (:mod:`~yolo_fewshot.nn.whitening`, ``mean.<l>`` / ``matrix.<l>``), applied
+                when :attr:`whiten` allows; None: raw cosines.
 
         Returns:
             ``[B, 4 + N, A + E]`` (``E`` = :meth:`extra_columns`): the head's boxes unchanged, then the CenterNet
@@ -377,7 +414,9 @@ class CropVerifier:
         out, idx, col, cbox, cobj = self.candidates(img, y, obj, keypoints)
         if not len(idx):
             return out
-        cos = self.compare(trunk, img, idx, cbox, protos, y.shape[1] - 4, layouts, descriptors, coco, hub, colours)
+        cos = self.compare(
+            trunk, img, idx, cbox, protos, y.shape[1] - 4, layouts, descriptors, coco, hub, colours, white
+        )
         out[idx, 4:, col] = self.score(cos, cobj, idx, y.shape[0]).to(y.dtype)
         return out
 
@@ -448,28 +487,32 @@ class CropVerifier:
         coco: tuple[Tensor, Tensor | None] | None = None,
         hub: dict[str, Tensor] | None = None,
         colours: Tensor | None = None,
+        white: dict[str, Tensor] | None = None,
     ) -> Tensor:
         """Similarity ``[C, N]`` of each candidate crop (image ``idx``, box ``cbox``) with each of the ``n`` classes:
         the masked-mean cosine, mixed with the layouts' (:attr:`layout`) and the COCO embedding's (:attr:`coco`),
         plus keypoint votes (:attr:`votes`) and the colour histograms' agreement (:attr:`colour`, ``colours``), minus
-        each class's hubness offset (:attr:`hubness`, bank ``hub``)."""
+        each class's hubness offset (:attr:`hubness`, bank ``hub``); the trunk's descriptors compared whitened
+        (:attr:`whiten`, ``white``)."""
         b = img.shape[0]
+        use_white = (self.top1 if self.whiten is None else self.whiten) and bool(white)
+        wt = Whitening(white) if use_white else None
         crops, masks = self.crops(img, idx, cbox.to(img.dtype))
         n_crops = 16 * max(1, self.chunk)
         parts = [trunk(crops[i : i + n_crops]) for i in range(0, len(crops), n_crops)]
         feats = [torch.cat(level) for level in zip(*parts)]
         w = float((0.5 if self.top1 else 0.0) if self.layout is None else self.layout)  # the layouts' share
-        cos = self.similarity(feats, masks, protos, b, idx) if w < 1 else 0  # [C, N]
+        cos = self.similarity(feats, masks, protos, b, idx, wt) if w < 1 else 0  # [C, N]
         with_layouts = w > 0 and bool(layouts) and layouts[0].shape[-3] == n  # (negative classes have none)
         if with_layouts:
-            lay = layout_similarity(feats, masks, layouts[-self.n_levels(len(layouts)) :], idx)
+            lay = layout_similarity(feats, masks, layouts[-self.n_levels(len(layouts)) :], idx, wt)
             cos = (1 - w) * cos + w * lay
         elif w >= 1:
-            cos = self.similarity(feats, masks, protos, b, idx)
+            cos = self.similarity(feats, masks, protos, b, idx, wt)
         wh = float((0.5 if self.top1 else 0.0) if self.hubness is None else self.hubness)
         if wh > 0 and hub and n > 1:
             sim = bank_similarity(hub, protos, layouts if with_layouts else None, w if with_layouts else 0.0,
-                                  self.n_levels(len(protos)))  # fmt: skip
+                                  self.n_levels(len(protos)), wt)  # fmt: skip
             off = hubness_offset(sim, self.hubness_k, wh).to(cos)  # [B|1, N]
             cos = cos - (off[idx] if len(off) > 1 else off[0].expand(len(idx), -1))
         wc = self.coco_share
@@ -503,7 +546,8 @@ class CropVerifier:
         score = soft_unit(cos).clamp_min(0).pow(self.sim_power) * cobj.to(cos).pow(obj_power)[:, None]
         if self.top1:
             score = score * exclusive(cos, self.margin)
-        score = score.pow(self.gamma)
+        gamma = self.gamma if self.gamma is not None else (INSTANCE_GAMMA if self.top1 else 0.5)
+        score = score.pow(gamma)
         once = float((0.2 if self.top1 else 1.0) if self.once is None else self.once)
         if once != 1:
             best = score.new_zeros((b, score.shape[1])).scatter_reduce(0, idx[:, None].expand_as(score), score, "amax")
@@ -531,8 +575,17 @@ class CropVerifier:
         n = self.levels if self.levels is not None else (3 if self.top1 else 1)
         return max(1, min(n, available))
 
-    def similarity(self, feats: list[Tensor], masks: Tensor, protos: list[Tensor], b: int, idx: Tensor) -> Tensor:
-        """Cosine ``[C, N]`` of each crop with each class, averaged over the last :attr:`levels` levels.
+    def similarity(
+        self,
+        feats: list[Tensor],
+        masks: Tensor,
+        protos: list[Tensor],
+        b: int,
+        idx: Tensor,
+        white: Whitening | None = None,
+    ) -> Tensor:
+        """Cosine ``[C, N]`` of each crop with each class, averaged over the last :attr:`levels` levels (in the
+        whitened space when ``white`` is given, :mod:`~yolo_fewshot.nn.whitening`).
 
         Args:
             feats: The trunk's maps of the crops, ``[C, D_l, h, w]`` per level (P2..P5).
@@ -540,14 +593,18 @@ class CropVerifier:
             protos: Per-level prototypes ``[B|1, N, M, D_l]`` (the trunk's last levels).
             b: Batch size of the scene images.
             idx: Image of each crop ``[C]``.
+            white: The model's whitening, or None.
         """
         n = self.n_levels(len(protos))
         cos = 0
-        for f, p in zip(feats[-n:], protos[-n:]):
+        for i, (f, p) in enumerate(zip(feats[-n:], protos[-n:])):
             # in float32 whatever the model's precision (a half model on a GPU: masked means come out in float32)
-            q = F.normalize(p.float().mean(2), dim=-1, eps=1e-6).expand(b, -1, -1)[idx]  # [C, N, D_l]
-            e = F.normalize(masked_mean(f.float(), masks.float()), dim=-1, eps=1e-6)  # [C, D_l]
-            cos = cos + (q @ e[:, :, None]).squeeze(-1)
+            q, e = p.float().mean(2), masked_mean(f.float(), masks.float())  # [B|1, N, D_l], [C, D_l]
+            if white is not None:
+                q, e = white(q, i, n), white(e, i, n)
+            else:
+                q, e = F.normalize(q, dim=-1, eps=1e-6), F.normalize(e, dim=-1, eps=1e-6)
+            cos = cos + (q.expand(b, -1, -1)[idx] @ e[:, :, None]).squeeze(-1)
         return cos / n
 
     def crops(self, img: Tensor, idx: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
@@ -557,10 +614,11 @@ class CropVerifier:
         side = wh.amax(1).clamp_min(2) * (1 + 2 * self.context)
         ctr = (boxes[:, :2] + boxes[:, 2:]) / 2
         win = torch.cat([ctr - side[:, None] / 2, ctr + side[:, None] / 2], 1)  # [C, 4]
-        crops = roi_align(img, torch.cat([idx[:, None].to(win), win], 1), self.size, 1.0, 2, aligned=True)
+        size = self.crop_size
+        crops = roi_align(img, torch.cat([idx[:, None].to(win), win], 1), size, 1.0, 2, aligned=True)
         # the box inside its window, in crop pixels
-        inner = (boxes - win[:, :2].repeat(1, 2)) / side[:, None] * self.size
-        grid = torch.arange(self.size, device=img.device, dtype=img.dtype) + 0.5
+        inner = (boxes - win[:, :2].repeat(1, 2)) / side[:, None] * size
+        grid = torch.arange(size, device=img.device, dtype=img.dtype) + 0.5
         mx = (grid[None] >= inner[:, 0:1]) & (grid[None] <= inner[:, 2:3])  # [C, S]
         my = (grid[None] >= inner[:, 1:2]) & (grid[None] <= inner[:, 3:4])
         masks = (my[:, :, None] & mx[:, None, :]).to(img.dtype)[:, None]
