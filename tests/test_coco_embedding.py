@@ -57,7 +57,7 @@ def test_category_search_mixes_the_coco_cosine_in_and_instance_search_does_not()
     trunk = lambda x: feats  # noqa: E731  (the trunk's maps of the crops, as the verifier takes them)
 
     def compare(v: CropVerifier, with_coco=True):
-        v.crops = lambda img, i, b: (crops, masks)  # the crops themselves, not cut from a scene
+        v.crops = lambda img, i, b, size: (crops, masks)  # the crops themselves, not cut from a scene
         return v.compare(trunk, torch.zeros(1, 3, 64, 64), idx, torch.zeros(3, 4), protos, 3, coco=coco if with_coco
                          else None)  # fmt: skip
 

@@ -83,7 +83,7 @@ def test_instance_search_adds_the_colour_agreement_and_category_search_does_not(
     idx = torch.zeros(3, dtype=torch.long)
 
     def compare(v: CropVerifier, with_colours=True):
-        v.crops = lambda img, i, b: (crops, masks)  # the crops themselves, not cut from a scene
+        v.crops = lambda img, i, b, size: (crops, masks)  # the crops themselves, not cut from a scene
         return v.compare(lambda x: feats, torch.rand(1, 3, 64, 64), idx, torch.zeros(3, 4), protos, 3,
                          colours=colours if with_colours else None)  # fmt: skip
 
@@ -185,7 +185,7 @@ def test_grey_frames_are_not_compared_by_colour():
 
     def compare(colour: float, img: torch.Tensor) -> torch.Tensor:
         v = CropVerifier(top1=True, layout=0.0, votes=0.0, hubness=0.0, levels=1, colour=colour)
-        v.crops = lambda im, i, b: (crops, masks)  # the crops themselves, not cut from a scene
+        v.crops = lambda im, i, b, size: (crops, masks)  # the crops themselves, not cut from a scene
         return v.compare(lambda x: feats, img, idx, torch.zeros(3, 4), protos, 3, colours=colours)
 
     for img in (scenes, noisy):

@@ -52,7 +52,7 @@ def test_the_bank_is_compared_exactly_as_verification_compares_a_candidate(share
     bank = bank_embeddings(trunk, crops, masks)
     assert check_bank(bank, DIMS) == 5
     v = CropVerifier(top1=True, layout=share, votes=0.0, hubness=0.0)
-    v.crops = lambda img, i, b: (crops, masks)  # the bank's own crops as the candidates
+    v.crops = lambda img, i, b, size: (crops, masks)  # the bank's own crops as the candidates
     idx = torch.zeros(5, dtype=torch.long)
     want = v.compare(trunk, torch.zeros(1, 3, 64, 64), idx, torch.zeros(5, 4), protos, 3, layouts)  # [C, N]
     got = bank_similarity(bank, protos, layouts, share, 3)  # [1, N, K]
@@ -77,7 +77,7 @@ def test_a_hub_reference_stops_taking_another_objects_candidate():
     protos = [torch.stack([a, b])[None, :, None]]  # [1, 2, 1, D]
     crops, masks = torch.zeros(1, 3, 32, 32), torch.ones(1, 1, 32, 32)
     v = CropVerifier(top1=True, layout=0.0, votes=0.0, levels=1)
-    v.crops = lambda img, i, bx: (crops, masks)
+    v.crops = lambda img, i, bx, size: (crops, masks)
     args = (trunk, torch.zeros(1, 3, 64, 64), torch.zeros(1, dtype=torch.long), torch.zeros(1, 4), protos, 2)
     raw = v.compare(*args)
     torch.testing.assert_close(raw[0], torch.stack([e @ a, e @ b]))
@@ -98,10 +98,10 @@ def test_category_search_and_single_references_are_unchanged():
     idx = torch.zeros(4, dtype=torch.long)
     args = (trunk, torch.zeros(1, 3, 64, 64), idx, torch.zeros(4, 4))
     for v in (CropVerifier(top1=False), CropVerifier(top1=True, hubness=0.0)):  # category search: off by default
-        v.crops = lambda img, i, b: (crops, masks)
+        v.crops = lambda img, i, b, size: (crops, masks)
         torch.testing.assert_close(v.compare(*args, protos, 3, layouts, hub=hub), v.compare(*args, protos, 3, layouts))
     v = CropVerifier(top1=True, votes=0.0)
-    v.crops = lambda img, i, b: (crops, masks)
+    v.crops = lambda img, i, b, size: (crops, masks)
     one = [p[:, :1] for p in protos], [t[:, :1] for t in layouts]
     torch.testing.assert_close(v.compare(*args, one[0], 1, one[1], hub=hub), v.compare(*args, one[0], 1, one[1]))
     off = hubness_offset(bank_similarity(hub, protos, layouts, 0.5, 3))[0]  # three classes: corrected

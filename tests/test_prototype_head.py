@@ -213,7 +213,7 @@ def test_verifier_similarity_is_the_mean_of_the_levels_cosines():
 
 def test_verifier_crops_keep_the_box_layout_of_reference_crops():
     img = torch.zeros(1, 3, 100, 200)
-    crops, masks = CropVerifier(size=64, context=0.1).crops(img, torch.tensor([0]), torch.tensor([[20.0, 10, 120, 60]]))
+    crops, masks = CropVerifier(context=0.1).crops(img, torch.tensor([0]), torch.tensor([[20.0, 10, 120, 60]]), 64)
     assert crops.shape == (1, 3, 64, 64) and masks.shape == (1, 1, 64, 64)
     # a 100x50 box in a square window of side 120: mask 64*100/120 wide, 64*50/120 high, centred
     cols, rows = masks[0, 0].amax(0).sum().item(), masks[0, 0].amax(1).sum().item()

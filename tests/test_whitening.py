@@ -74,7 +74,7 @@ def test_the_verifier_compares_whitened_candidates_references_and_bank():
     from yolo_fewshot.nn.verify import CropVerifier
 
     means = CropVerifier(top1=True, votes=0.0, colour=0.0, layout=0.0)
-    means.crops = lambda img, i, b: (crops, masks)
+    means.crops = lambda img, i, b, size: (crops, masks)
     # an identity whitening leaves masked-mean cosines as they were (layouts' cells are then each normalised: each
     # cell counts alike, rather than by its norm)
     torch.testing.assert_close(means.compare(*args, hub=hub, white=_identity()), means.compare(*args, hub=hub))
@@ -148,3 +148,17 @@ def test_the_trainer_fits_it_from_a_benchmark_folds_identities_and_skips_data_wi
     torch.testing.assert_close(white["matrix.2"], white["matrix.2"].T)
     with pytest.raises(FileNotFoundError, match="carries no object identities"):
         identity_pairs(tmp_path / "nowhere", "train", src.rgba)
+
+
+def test_crop_side_and_calibration_follow_the_whitening():
+    from yolo_fewshot.nn.verify import CATEGORY_SIZE, WHITENED_GAMMA, WHITENED_SIZE, CropVerifier
+
+    v = CropVerifier()  # instance search
+    assert v.whitened(_random()) and not v.whitened(None)  # a model without one: raw cosines
+    assert v.crop_size(True) == WHITENED_SIZE == 224 and v.crop_size(False) == CATEGORY_SIZE == 128
+    assert not CropVerifier(top1=False).whitened(_random()) and not CropVerifier(whiten=False).whitened(_random())
+    assert CropVerifier(size=160).crop_size(True) == 160  # an explicit side wins
+    cos, obj, idx = torch.tensor([[0.8, 0.3]]), torch.tensor([0.6]), torch.zeros(1, dtype=torch.long)
+    v = CropVerifier(once=1.0)
+    raw, white = v.score(cos, obj, idx, 1, whitened=False), v.score(cos, obj, idx, 1, whitened=True)
+    torch.testing.assert_close(white, raw ** (WHITENED_GAMMA / 0.5))  # its own calibration power, the same order

@@ -63,7 +63,7 @@ def main() -> None:
                     meta.append((o["stamp"], -1 if o["label"] is None else int(o["label"]), v))
             bt = torch.tensor(np.stack(boxes), dtype=torch.float32)
             with torch.no_grad():
-                crops, masks = ver.crops(t, torch.zeros(len(bt), dtype=torch.long), bt)
+                crops, masks = ver.crops(t, torch.zeros(len(bt), dtype=torch.long), bt, ver.crop_size(False))
                 feats.append(masked_mean(trunk(crops)[-1], masks))
             for s, lab, v in meta:
                 stamps.append(s), labels.append(lab), views.append(v if split == "train" else -1)

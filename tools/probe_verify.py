@@ -82,7 +82,7 @@ def record(a: argparse.Namespace) -> dict:
             allo = torch.cat([ho, co[i, m]])
             src = torch.cat([src, torch.full((int(m.sum()),), 2)])
             hs = torch.cat([hs, hs.new_zeros((int(m.sum()), hs.shape[1]))])
-            crops, masks = rv.crops(img, torch.full((len(allb),), i), allb.to(img.dtype))
+            crops, masks = rv.crops(img, torch.full((len(allb),), i), allb.to(img.dtype), rv.crop_size(False))
             feats = trunk(crops)
             emb = masked_mean(feats[-1], masks)
             per.append(dict(boxes=allb.cpu(), obj=allo.cpu(), head=hs.cpu(), src=src, emb=emb.half().cpu(),

@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.refresh:
             model.hubness_bank = model.whitening = None
         _coco_center(model, a.data)
+        card.update(_whitening(model, a.data))  # first: the bank is cut at the side whitened search crops at
         card.update(_hubness_bank(model, a.data))
-        card.update(_whitening(model, a.data))
         path = save_pretrained(model, a.out, card)
         print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB), sha256 {sha256_of(path)}")
         return 0
@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.refresh:
         model.hubness_bank = model.whitening = None
     _coco_center(model, a.data)
-    card.update(_hubness_bank(model, a.data))
     card.update(_whitening(model, a.data))
+    card.update(_hubness_bank(model, a.data))
     path = save_pretrained(model, a.out, card)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB), sha256 {sha256_of(path)}")
     return 0

@@ -131,13 +131,15 @@ def training_hubness_bank(
     for im_file, box in _drawn_instances(data, data["train"], classes, limit, seed):
         by_image.setdefault(im_file, []).append(box)
     verifier = model.__dict__.get("verifier") or CropVerifier()
+    size = verifier.crop_size(verifier.whitened(getattr(model, "whitening", None)))  # as the candidates are cut
     p = next(model.parameters())
     trunk, levels = model.model[0], len(model.proto_dims)
     parts, crops, masks = [], [], []
     for i, (im_file, boxes) in enumerate(by_image.items()):
         with Image.open(im_file) as im:
             img = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)[None].float() / 255
-        c, m = verifier.crops(img, torch.zeros(len(boxes), dtype=torch.long), torch.tensor(boxes, dtype=torch.float32))
+        c, m = verifier.crops(img, torch.zeros(len(boxes), dtype=torch.long), torch.tensor(boxes, dtype=torch.float32),
+                              size)  # fmt: skip
         crops.append(c), masks.append(m)
         if sum(len(x) for x in crops) >= 64 or i == len(by_image) - 1:
             parts.append(bank_embeddings(trunk, torch.cat(crops).to(p.device, p.dtype), torch.cat(masks).to(p), levels))
@@ -183,13 +185,14 @@ def training_whitening(
     objects, views = identity_pairs(root, "train", rgba, scenes=scenes)
     levels = len(model.proto_dims)
     verifier = model.__dict__.get("verifier") or CropVerifier()
+    size = verifier.crop_size(True)  # the side whitened search cuts its candidates at
     p = next(model.parameters())
     trunk = model.model[0]
     scene_parts, stamps = [[] for _ in range(levels)], []
     for image, boxes, ids in objects:
         with Image.open(image) as im:
             img = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)[None].float() / 255
-        crops, masks = verifier.crops(img, torch.zeros(len(boxes), dtype=torch.long), torch.tensor(boxes))
+        crops, masks = verifier.crops(img, torch.zeros(len(boxes), dtype=torch.long), torch.tensor(boxes), size)
         feats = trunk(crops.to(p.device, p.dtype))[-levels:]
         for lv, f in enumerate(feats):
             scene_parts[lv].append(masked_mean(f.float(), masks.to(f.device).float()).cpu())
@@ -283,16 +286,16 @@ class FewShotTrainer(DetectionTrainer):
                 model.coco_center = training_coco_center(model, self.data, self.trained_classes, seed=self.args.seed)
             except ValueError as e:  # no usable reference instance: category search stays uncentred, training goes on
                 LOGGER.warning(f"few-shot: no COCO centre ({e}); category search compares uncentred COCO embeddings")
+        if model.can_verify and getattr(model, "whitening", None) is None:  # first: the bank is cut as candidates are
+            try:
+                model.whitening = training_whitening(model, self.data)
+            except FileNotFoundError as e:  # a user's data without identities: raw cosines, as before
+                LOGGER.info(f"few-shot: no learned whitening ({e})")
         if model.can_verify and getattr(model, "hubness_bank", None) is None:  # instance search's hubness correction
             try:
                 model.hubness_bank = training_hubness_bank(model, self.data, self.trained_classes, seed=self.args.seed)
             except ValueError as e:
                 LOGGER.warning(f"few-shot: no hubness bank ({e}); instance search is not corrected for hubness")
-        if model.can_verify and getattr(model, "whitening", None) is None:  # instance search's learned whitening
-            try:
-                model.whitening = training_whitening(model, self.data)
-            except FileNotFoundError as e:  # a user's data without identities: raw cosines, as before
-                LOGGER.info(f"few-shot: no learned whitening ({e})")
 
     @property
     def trained_classes(self) -> tuple[int, ...]:

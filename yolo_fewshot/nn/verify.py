@@ -61,10 +61,12 @@ from .whitening import Whitening
 GREY_TOLERANCE = 0.01
 PROPOSALS = ("head", "centernet", "keypoints")  # the sources; a setting joins them with "+" ("both": head+centernet)
 INSTANCE_PROPOSALS = "head+centernet+keypoints"  # instance search's default sources (CropVerifier.proposals)
-# instance search's calibration power (CropVerifier.gamma), fitted on fold 0's instance protocol with the defaults
-# (224-px crops, whitening, keypoint candidates): its best threshold at <= 0.2 false positives per scene maps to 0.25
-INSTANCE_GAMMA = 0.47
-CATEGORY_SIZE = 128  # category search's crop side (CropVerifier.size), also its references' COCO embeddings'
+# instance search in a model's whitening: crops at the side references are encoded at (CropVerifier.size), and the
+# calibration power (CropVerifier.gamma) fitted on fold 0's instance protocol with it and keypoint candidates: its best
+# threshold at <= 0.2 false positives per scene maps to 0.25
+WHITENED_SIZE = 224
+WHITENED_GAMMA = 0.47
+CATEGORY_SIZE = 128  # the crop side otherwise (category search; a model without whitening), and the COCO embeddings'
 _CENTERNET: dict[str, object] = {}  # device -> the CenterNet network, loaded on first use
 
 
@@ -127,12 +129,14 @@ class CropVerifier:
             best boxes add the objects COCO's objectness misses without flooding the candidates (instance 1-shot AP50,
             probe, folds 0 / 1 / 2: the head's 10 + CenterNet's 10 0.779 / 0.437 / 0.497, its 3 + 10 0.782 / 0.455 /
             0.509).
-        size: Crop side fed to the trunk (pixels). None (default): 224 for instance search (:attr:`top1`), the
-            side the references are encoded at (their prototypes, layouts and the whitening's pairs see the object at
-            the same scale), 128 for category search (:data:`CATEGORY_SIZE`, as measured there). Instance search,
-            found at <= 0.2 false positives per scene (``tools/probe_found.py``, the shipped model with its whitening):
-            the demo's scenes 74.8 / 77.2 / 75.6 / 78.7 % at 128 / 160 / 192 / 224 px, fold 0 77.5 -> 78.8 % at
-            128 -> 224 (96 px: 69.3 % on the demo). Costs a trunk pass over 3x the pixels per candidate.
+        size: Crop side fed to the trunk (pixels). None (default): :data:`WHITENED_SIZE` (224, the side the
+            references are encoded at) when the descriptors are compared in the model's whitening (:attr:`whiten`,
+            which is fitted on crops of that side), else :data:`CATEGORY_SIZE` (128; category search, and a model
+            without whitening). Instance search, found at <= 0.2 false positives per scene
+            (``tools/probe_found.py``, the shipped model with its whitening): the demo's scenes 74.8 / 77.2 / 75.6 /
+            78.7 % at 128 / 160 / 192 / 224 px, fold 0 77.5 -> 78.8 % at 128 -> 224 (96 px: 69.3 % on the demo);
+            without the whitening 224 px is worse (the demo 72.4 -> 70.9 %, fold 0 before colour 65.9 -> 64.3 %).
+            Costs a trunk pass over 3x the pixels per candidate.
         context: Context around each box, as a fraction of its longer side on each side (references use 0.1).
         iou: IoU of the candidate NMS (head candidates; CenterNet candidates among themselves).
         obj_power: Exponent of the objectness (the head's, or CenterNet's for its boxes) in the verified score. None
@@ -149,8 +153,9 @@ class CropVerifier:
         margin: Softness of that competition (cosine units); 0 keeps only the best class (a hard top-1).
         gamma: Calibration: the verified score ``cos^sim_power * obj^obj_power * competition`` is raised to this power
             (monotone: rankings do not change) so that Ultralytics' default ``conf=0.25`` is a working point. None
-            (default): :data:`INSTANCE_GAMMA` (0.47) for instance search, 0.5 for category search. 0.47 re-fitted
-            (2026-12-06) for instance search's 224-px crops, whitening and keypoint candidates: fold 0's instance
+            (default): :data:`WHITENED_GAMMA` (0.47) when the descriptors are compared whitened (instance search
+            with a model that has a whitening), else 0.5. 0.47 fitted (2026-12-06) for instance search's 224-px
+            crops, whitening and keypoint candidates: fold 0's instance
             scenes (``tools/probe_found.py``) find 78.8 % at <= 0.2 false positives per scene above a score of 0.2307
             at 0.5, which 0.47 maps to 0.25 (``0.5 * ln 0.25 / ln 0.2307``). Before, 0.5 on
             fold 0's instance protocol with the defaults (the head's and CenterNet's candidates, P3-P5, layouts,
@@ -318,10 +323,15 @@ class CropVerifier:
         ``both`` for category search)."""
         return proposal_sources(self.proposals or (INSTANCE_PROPOSALS if self.top1 else "both"))
 
-    @property
-    def crop_size(self) -> int:
-        """The crop side fed to the trunk (:attr:`size`; None: 224 for instance search, 128 for category search)."""
-        return int(self.size) if self.size is not None else (224 if self.top1 else CATEGORY_SIZE)
+    def crop_size(self, whitened: bool) -> int:
+        """The crop side fed to the trunk (:attr:`size`; None: :data:`WHITENED_SIZE` when the descriptors are compared
+        whitened, :data:`CATEGORY_SIZE` otherwise)."""
+        return int(self.size) if self.size is not None else (WHITENED_SIZE if whitened else CATEGORY_SIZE)
+
+    def whitened(self, white: dict[str, Tensor] | None) -> bool:
+        """Whether descriptors are compared in the model's whitening ``white`` (:attr:`whiten`; None: with
+        :attr:`top1`, when the model has one)."""
+        return bool((self.top1 if self.whiten is None else self.whiten) and white)
 
     def extra_columns(self, n: int = 0) -> int:
         """Anchor columns this verifier appends to the head's output for ``n`` classes (CenterNet's, then one keypoint
@@ -417,7 +427,7 @@ class CropVerifier:
         cos = self.compare(
             trunk, img, idx, cbox, protos, y.shape[1] - 4, layouts, descriptors, coco, hub, colours, white
         )
-        out[idx, 4:, col] = self.score(cos, cobj, idx, y.shape[0]).to(y.dtype)
+        out[idx, 4:, col] = self.score(cos, cobj, idx, y.shape[0], self.whitened(white)).to(y.dtype)
         return out
 
     def candidates(
@@ -495,9 +505,8 @@ class CropVerifier:
         each class's hubness offset (:attr:`hubness`, bank ``hub``); the trunk's descriptors compared whitened
         (:attr:`whiten`, ``white``)."""
         b = img.shape[0]
-        use_white = (self.top1 if self.whiten is None else self.whiten) and bool(white)
-        wt = Whitening(white) if use_white else None
-        crops, masks = self.crops(img, idx, cbox.to(img.dtype))
+        wt = Whitening(white) if self.whitened(white) else None
+        crops, masks = self.crops(img, idx, cbox.to(img.dtype), self.crop_size(wt is not None))
         n_crops = 16 * max(1, self.chunk)
         parts = [trunk(crops[i : i + n_crops]) for i in range(0, len(crops), n_crops)]
         feats = [torch.cat(level) for level in zip(*parts)]
@@ -535,10 +544,11 @@ class CropVerifier:
             cos = cos + wcol * chromatic[idx, None].to(cos) * (bc - COLOUR_UNRELATED)
         return cos
 
-    def score(self, cos: Tensor, cobj: Tensor, idx: Tensor, b: int) -> Tensor:
+    def score(self, cos: Tensor, cobj: Tensor, idx: Tensor, b: int, whitened: bool = False) -> Tensor:
         """The verified scores ``[C, N]`` of the candidates from their similarities ``cos`` ``[C, N]``, objectness
         ``cobj`` ``[C]`` and images ``idx`` ``[C]`` (of ``b``): similarity and objectness powers, the classes'
-        competition (:attr:`top1`), the calibration power (:attr:`gamma`) and one instance per scene (:attr:`once`).
+        competition (:attr:`top1`), the calibration power (:attr:`gamma`; ``whitened``: whether ``cos`` was compared
+        in the model's whitening, which has its own) and one instance per scene (:attr:`once`).
         """
         obj_power = float((0.5 if self.top1 else 1.0) if self.obj_power is None else self.obj_power)
         # the similarity is a cosine plus bonuses (keypoint votes, colour) that can take it past 1: squashed into [0, 1]
@@ -546,7 +556,7 @@ class CropVerifier:
         score = soft_unit(cos).clamp_min(0).pow(self.sim_power) * cobj.to(cos).pow(obj_power)[:, None]
         if self.top1:
             score = score * exclusive(cos, self.margin)
-        gamma = self.gamma if self.gamma is not None else (INSTANCE_GAMMA if self.top1 else 0.5)
+        gamma = self.gamma if self.gamma is not None else (WHITENED_GAMMA if whitened else 0.5)
         score = score.pow(gamma)
         once = float((0.2 if self.top1 else 1.0) if self.once is None else self.once)
         if once != 1:
@@ -607,14 +617,14 @@ class CropVerifier:
             cos = cos + (q.expand(b, -1, -1)[idx] @ e[:, :, None]).squeeze(-1)
         return cos / n
 
-    def crops(self, img: Tensor, idx: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
-        """Square, aspect-preserving crops ``[C, 3, S, S]`` around ``boxes`` (xyxy, image ``idx``) with ``context``,
-        and masks ``[C, 1, S, S]`` of the box inside each crop — the reference crops' layout."""
+    def crops(self, img: Tensor, idx: Tensor, boxes: Tensor, size: int) -> tuple[Tensor, Tensor]:
+        """Square, aspect-preserving crops ``[C, 3, S, S]`` (``S`` = ``size``, :meth:`crop_size`) around ``boxes``
+        (xyxy, image ``idx``) with ``context``, and masks ``[C, 1, S, S]`` of the box inside each crop — the reference
+        crops' layout."""
         wh = boxes[:, 2:] - boxes[:, :2]
         side = wh.amax(1).clamp_min(2) * (1 + 2 * self.context)
         ctr = (boxes[:, :2] + boxes[:, 2:]) / 2
         win = torch.cat([ctr - side[:, None] / 2, ctr + side[:, None] / 2], 1)  # [C, 4]
-        size = self.crop_size
         crops = roi_align(img, torch.cat([idx[:, None].to(win), win], 1), size, 1.0, 2, aligned=True)
         # the box inside its window, in crop pixels
         inner = (boxes - win[:, :2].repeat(1, 2)) / side[:, None] * size
