@@ -190,3 +190,23 @@ def test_proposals_setting_is_checked_and_applied(fs):
     assert fs.model.verifier.proposals == "centernet"
     fs.predict(np.zeros((64, 64, 3), np.uint8), verify=True, imgsz=64, verbose=False)  # verify=True: defaults
     assert fs.model.verifier.proposals == CropVerifier().proposals
+
+
+def test_centernet_runs_beside_the_forward_and_gives_the_same_answer(fs, monkeypatch):
+    scene, _, _ = _pasted_scene()
+    x = torch.from_numpy(scene).permute(2, 0, 1)[None].float() / 255
+    assert CropVerifier(proposals="head").prefetch(x) is None  # nothing to start without CenterNet's candidates
+    v = CropVerifier()
+    pending = v.prefetch(x)
+    for a, b in zip(pending.result(), v.centernet_boxes(x)):
+        torch.testing.assert_close(a, b)  # on the worker thread: the same boxes
+    # through the model: the prefetched boxes are the ones verified (CenterNet is not run a second time)
+    calls = []
+    real = CropVerifier.centernet_boxes
+    monkeypatch.setattr(CropVerifier, "centernet_boxes", lambda self, img: calls.append(1) or real(self, img))
+    inline = _run(fs.model, x, "both")
+    monkeypatch.setattr(CropVerifier, "prefetch", lambda self, img: None)  # the same, computed after the forward
+    after = _run(fs.model, x, "both")
+    torch.testing.assert_close(inline, after)
+    assert len(calls) == 2  # once per run
+    fs.model.set_verify(True)

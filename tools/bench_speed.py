@@ -12,6 +12,8 @@ setting of the verification's candidates (``torch_ms["1+verify:head"]``…; ``pr
 Targets: ``ratio_1ref`` <= 1.15 and each extra class <= +0.05 of the baseline (issue 11); the default over the head's
 candidates alone (the model without the ported CenterNet), ``proposal_ratios["head"]``, <= 1.3 (issue 16). The
 random input has no reference keypoints: keypoint matching's own cost (SIFT on the scene) is not in these numbers.
+The verifying model carries the shipped model's learned whitening (``--whitening``), so it crops and compares as the
+shipped model's instance search does (224-px crops); ``--whitening none`` times a model without one (128-px crops).
 
     python tools/bench_speed.py [--json] [--imgsz 640] [--iters 20] [--model Y] [--baseline Y] [--proposals P ...]
 """
@@ -44,6 +46,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--baseline", default="yolov8n-lite0.yaml", help="plain Ultralytics model YAML (one class)")
     ap.add_argument("--proposals", nargs="*", default=["head"], help="verification candidates to time")
     ap.add_argument("--centernet-size", type=int, default=None, help="CenterNet input side (default: the verifier's)")
+    ap.add_argument(
+        "--whitening",
+        default="shipped",
+        help="verify as a model with this pretrained file's learned whitening does (224-px crops; 'shipped': the "
+        "shipped model's), or 'none' (a model without one: 128-px crops)",
+    )
     a = ap.parse_args(argv)
 
     import onnxruntime as ort
@@ -76,6 +84,8 @@ def main(argv: list[str] | None = None) -> dict:
             files[str(n)] = str(f.rename(tmp / f"fewshot_{n}.onnx"))
             models[str(n)] = fs.model
             if n == 1 and fs.model.can_verify:
+                if a.whitening != "none":  # instance search as the shipped model runs it: whitened, 224-px crops
+                    fs.model.whitening = _whitening(a.whitening)
                 models["1+verify"] = fs.model
                 for p in a.proposals:
                     models[f"1+verify:{p}"] = fs.model
@@ -153,6 +163,20 @@ def main(argv: list[str] | None = None) -> dict:
             "baseline (target <= 0.05)"
         )
     return out
+
+
+def _whitening(path: str) -> dict:
+    """The learned whitening tensors of a pretrained file ('shipped': the shipped model's)."""
+    from safetensors.torch import load_file
+
+    from yolo_fewshot.nn.whitening import PREFIX
+    from yolo_fewshot.pretrained import DEFAULT_MODEL, resolve
+
+    state = load_file(str(resolve(DEFAULT_MODEL if path == "shipped" else path)))
+    white = {k[len(PREFIX) :]: v for k, v in state.items() if k.startswith(PREFIX)}
+    if not white:
+        raise SystemExit(f"{path} holds no learned whitening (pass --whitening none to time a model without one)")
+    return white
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "verify": True,
     # the demo is category search (any apple, from photos of other apples): classes do not compete for a box
     "top1": False,
-    "proposals": None,  # verification's candidates (default: the model's, both: CenterNet's boxes and the head's best)
+    "proposals": None,  # verification's candidates (default: the model's; for instance search head+centernet+keypoints)
 }
 TRAIN_YAML = "yolov8n-lite0-proto.yaml"
 SHEET = 6  # scenes in the contact sheet

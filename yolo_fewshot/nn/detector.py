@@ -272,25 +272,29 @@ class FewShotDetectionModel(DetectionModel):
         verification on (eval, not export), the verifier re-scores the candidates; CenterNet proposals add
         and keypoint proposals add ``verifier.extra_columns(N)`` anchor columns (``[B, 4+N, A+E]``), which
         Ultralytics' NMS takes unchanged."""
+        verifier = self.__dict__.get("verifier")
+        # Verification is a post-step of eager inference: not under a TorchFunctionMode (Ultralytics' FLOPs count
+        # runs thop's, which crashes torchvision's roi_align, and would count the crops and CenterNet as the model's)
+        verifying = (
+            verifier is not None
+            and not self.training
+            and self.prototypes is not None
+            and not torch._C._is_torch_function_mode_enabled()
+            and not torch.jit.is_tracing()
+            and not getattr(self.model[-1], "export", False)  # an export's forward is never verified
+        )
+        # CenterNet's pass runs beside the forward (a spare core), not after it
+        pending = verifier.prefetch(x) if verifying else None
         self._bind(self.prototypes)
         try:
             out = super().predict(x, *args, **kwargs)
         finally:
             self._bind(None)
-        verifier = self.__dict__.get("verifier")
-        # Verification is a post-step of eager inference: not under a TorchFunctionMode (Ultralytics' FLOPs count
-        # runs thop's, which crashes torchvision's roi_align, and would count the crops and CenterNet as the model's)
-        if (
-            verifier is not None
-            and isinstance(out, tuple)
-            and not self.training
-            and self.prototypes is not None
-            and not torch._C._is_torch_function_mode_enabled()
-        ):
+        if verifying and isinstance(out, tuple):
             kps, lay, desc = (self.__dict__.get(k) for k in ("keypoints", "layouts", "descriptors"))
             hub = self.__dict__.get("hubness_bank")  # instance search's hubness bank (nn/hubness.py), training data
             y = verifier(self.model[0], x, out[0], out[1]["obj"], self.prototypes, kps, lay, desc, self.coco, hub,
-                         self.__dict__.get("colours"), self.__dict__.get("whitening"))  # fmt: skip
+                         self.__dict__.get("colours"), self.__dict__.get("whitening"), pending)  # fmt: skip
             out = y, out[1]
         neg = self.__dict__.get("_negative_of") or []
         if not neg or self.training:

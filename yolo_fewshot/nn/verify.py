@@ -38,6 +38,7 @@ pickle (it ships as its own safetensors), and an export (which never verifies) h
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +69,7 @@ WHITENED_SIZE = 224
 WHITENED_GAMMA = 0.47
 CATEGORY_SIZE = 128  # the crop side otherwise (category search; a model without whitening), and the COCO embeddings'
 _CENTERNET: dict[str, object] = {}  # device -> the CenterNet network, loaded on first use
+_WORKER: list[ThreadPoolExecutor] = []  # one thread: CenterNet's pass runs beside the detector's own forward
 
 
 def centernet(device: torch.device | str = "cpu"):
@@ -338,6 +340,22 @@ class CropVerifier:
         box per class)."""
         return self.centernet_topk * ("centernet" in self.sources) + n * ("keypoints" in self.sources)
 
+    def prefetch(self, img: Tensor) -> Future | None:
+        """Start CenterNet's pass over the model input ``img`` on a worker thread, to run while the detector's own
+        forward runs (both release the GIL; Ultralytics leaves torch one thread per spare core on CPU, so the pass
+        takes a core the forward does not use), and hand the :class:`~concurrent.futures.Future` to :meth:`__call__`;
+        None when this verifier takes no CenterNet candidates. The boxes are the same as computed in line."""
+        if "centernet" not in self.sources:
+            return None
+        if not _WORKER:
+            _WORKER.append(ThreadPoolExecutor(1, thread_name_prefix="yolo_fewshot-centernet"))
+
+        def run() -> tuple[Tensor, Tensor]:
+            with torch.inference_mode():  # (grad mode is per thread)
+                return self.centernet_boxes(img)
+
+        return _WORKER[0].submit(run)
+
     @torch.no_grad()
     def centernet_boxes(self, img: Tensor) -> tuple[Tensor, Tensor]:
         """CenterNet's candidates on the model input: boxes ``[B, K, 4]`` (xyxy, input pixels) and objectness
@@ -389,6 +407,7 @@ class CropVerifier:
         hub: dict[str, Tensor] | None = None,
         colours: Tensor | None = None,
         white: dict[str, Tensor] | None = None,
+        pending: Future | None = None,
     ) -> Tensor:
         """Re-score ``y``: candidates get the verified score, every other anchor 0.
 
@@ -415,13 +434,14 @@ class CropVerifier:
                 :mod:`~yolo_fewshot.nn.colour`), compared when :attr:`colour` allows; None: not used.
             white: The model's whitening (:mod:`~yolo_fewshot.nn.whitening`, ``mean.<l>`` / ``matrix.<l>``), applied
                 when :attr:`whiten` allows; None: raw cosines.
+            pending: CenterNet's candidates for ``img`` already under way (:meth:`prefetch`); None: computed here.
 
         Returns:
             ``[B, 4 + N, A + E]`` (``E`` = :meth:`extra_columns`): the head's boxes unchanged, then the CenterNet
             boxes, then one keypoint box per class (xywh; empty where none); scores of the candidates verified, of
             everything else 0.
         """
-        out, idx, col, cbox, cobj = self.candidates(img, y, obj, keypoints)
+        out, idx, col, cbox, cobj = self.candidates(img, y, obj, keypoints, pending)
         if not len(idx):
             return out
         cos = self.compare(
@@ -431,9 +451,15 @@ class CropVerifier:
         return out
 
     def candidates(
-        self, img: Tensor, y: Tensor, obj: Tensor, keypoints: Sequence[Sequence[KeypointTemplate]] | None = None
+        self,
+        img: Tensor,
+        y: Tensor,
+        obj: Tensor,
+        keypoints: Sequence[Sequence[KeypointTemplate]] | None = None,
+        pending: Future | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """The candidate boxes of every source (:attr:`proposals`).
+        """The candidate boxes of every source (:attr:`proposals`; CenterNet's from ``pending``, :meth:`prefetch`,
+        when given).
 
         Returns:
             ``out`` (``y`` with the extra sources' columns appended and every score 0, ``[B, 4 + N, A + E]``), then per
@@ -462,7 +488,7 @@ class CropVerifier:
             cobj.append(obj[hi, 0, ha].float().sigmoid())
         extra = []  # (boxes [B, K, 4] xyxy, objectness [B, K]) of each appended source
         if "centernet" in sources:
-            extra.append(self.centernet_boxes(img))
+            extra.append(self.centernet_boxes(img) if pending is None else pending.result())
             if "head" in sources and self.part <= 1:
                 keep = ~parts(cbox[0], extra[0][0][idx[0]], extra[0][1][idx[0]] >= max(self.part, 1e-6))
                 idx[0], col[0], cbox[0], cobj[0] = idx[0][keep], col[0][keep], cbox[0][keep], cobj[0][keep]
