@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from tests.test_hubness import DIMS, _classes, _crops, _trunk
 from yolo_fewshot import FewShotYOLO
-from yolo_fewshot.nn.hubness import bank_embeddings, bank_similarity
+from yolo_fewshot.nn.hubness import bank_embeddings, bank_similarity, whiten_bank
 from yolo_fewshot.nn.whitening import PREFIX, Whitening, check_whitening, fit_whitening, whiten, whiten_cells
 from yolo_fewshot.pretrained import load_pretrained, save_pretrained
 
@@ -91,7 +91,7 @@ def test_the_verifier_compares_whitened_candidates_references_and_bank():
     torch.testing.assert_close(cat.compare(*args, white=_random()), cat.compare(*args))
     # the hubness bank is compared in the same whitened space as the candidates
     w = Whitening(_random())
-    sim = bank_similarity(hub, protos, None, 0.0, 3, w)
+    sim = bank_similarity(whiten_bank(hub, w), protos, None, 0.0, 3, w)
     q = [w(p.mean(2), i, 3) for i, p in enumerate(protos)]
     e = [w(hub[f"means.{i}"], i, 3) for i in range(3)]
     torch.testing.assert_close(sim, sum(a @ b.T for a, b in zip(q, e)) / 3)
@@ -162,3 +162,15 @@ def test_crop_side_and_calibration_follow_the_whitening():
     v = CropVerifier(once=1.0)
     raw, white = v.score(cos, obj, idx, 1, whitened=False), v.score(cos, obj, idx, 1, whitened=True)
     torch.testing.assert_close(white, raw ** (WHITENED_GAMMA / 0.5))  # its own calibration power, the same order
+
+
+def test_the_models_statistics_are_whitened_once_not_per_frame():
+    from yolo_fewshot.nn.verify import whitened_statistics
+
+    white, hub = _random(), bank_embeddings(_trunk(), *_crops(6, seed=5))
+    w1, b1 = whitened_statistics(white, hub)
+    w2, b2 = whitened_statistics(white, hub)
+    assert w1 is w2 and b1 is b2  # the same model's statistics: reused
+    torch.testing.assert_close(b1["means.2"], whiten(hub["means.2"], white["mean.2"], white["matrix.2"]))
+    w3, b3 = whitened_statistics(dict(white), hub)  # another model's: made anew
+    assert w3 is not w1 and b3 is not b1

@@ -115,8 +115,9 @@ def bank_similarity(
         layouts: Per level the classes' layouts ``[B|1, N, 2, G * G * D_l]``, or None (masked means only).
         share: The layouts' share (0-1).
         levels: How many of the last levels are compared.
-        white: The model's whitening (:mod:`~yolo_fewshot.nn.whitening`), applied to both sides as verification
-            applies it to candidates and references; None: raw cosines.
+        white: The model's whitening (:mod:`~yolo_fewshot.nn.whitening`), applied to the classes as verification
+            applies it to references, with ``bank`` whitened by :func:`whiten_bank` (once per model); None: raw
+            cosines.
     """
     have = sum(k.startswith("means.") for k in bank)
     n = min(levels, have, len(protos))
@@ -124,10 +125,7 @@ def bank_similarity(
     if share < 1 or not layouts:
         for j, (i, p) in enumerate(zip(range(have - n, have), protos[-n:])):
             q, e = p.float().mean(2), bank[f"means.{i}"].float()  # [B|1, N, D], [K, D]
-            if white is not None:
-                q, e = white(q, j, n), white(e, j, n)
-            else:
-                q = F.normalize(q, dim=-1, eps=1e-6)
+            q = white(q, j, n) if white is not None else F.normalize(q, dim=-1, eps=1e-6)
             cos = cos + q @ e.to(q).T
         cos = cos / n
     if share > 0 and layouts:
@@ -135,13 +133,22 @@ def bank_similarity(
         lay = 0
         for j, (i, t) in enumerate(zip(range(have - m, have), layouts[-m:])):
             q, e = t.float(), bank[f"layouts.{i}"].float()  # [B|1, N, 2, G*G*D], [K, G*G*D]
-            if white is not None:
-                q, e = white.cells(q, j, m), white.cells(e, j, m)
-            else:
-                q = F.normalize(q, dim=-1, eps=1e-6)
+            q = white.cells(q, j, m) if white is not None else F.normalize(q, dim=-1, eps=1e-6)
             lay = lay + torch.einsum("bnvd,kd->bnkv", q, e.to(q)).amax(-1)
         cos = (1 - share) * cos + share * lay / m
     return cos
+
+
+def whiten_bank(bank: dict[str, Tensor], white: Whitening) -> dict[str, Tensor]:
+    """A bank's tensors in the model's whitening (float32): masked means whitened, layouts cell by cell — what
+    :func:`bank_similarity` compares whitened classes with. A statistic of the model: computed once, not per frame
+    (44 classes against 1 024 objects: 35 ms a frame whitened each time, 5 ms raw)."""
+    have = sum(k.startswith("means.") for k in bank)
+    out = {}
+    for i in range(have):
+        out[f"means.{i}"] = white(bank[f"means.{i}"], i, have)
+        out[f"layouts.{i}"] = white.cells(bank[f"layouts.{i}"], i, have)
+    return out
 
 
 def hubness_offset(sim: Tensor, k: int = 10, lam: float = 0.5) -> Tensor:

@@ -50,7 +50,7 @@ from ..encoders.base import masked_mean
 from .coco_embedding import coco_embed
 from .colour import UNRELATED as COLOUR_UNRELATED
 from .colour import colour_histograms, colour_similarity
-from .hubness import bank_similarity, hubness_offset
+from .hubness import bank_similarity, hubness_offset, whiten_bank
 from .keypoint_match import KeypointTemplate, keypoint_boxes
 from .keypoint_votes import crop_descriptors, keypoint_votes
 from .layout import layout_similarity
@@ -70,6 +70,21 @@ WHITENED_GAMMA = 0.47
 CATEGORY_SIZE = 128  # the crop side otherwise (category search; a model without whitening), and the COCO embeddings'
 _CENTERNET: dict[str, object] = {}  # device -> the CenterNet network, loaded on first use
 _WORKER: list[ThreadPoolExecutor] = []  # one thread: CenterNet's pass runs beside the detector's own forward
+_WHITENED: list[tuple] = []  # the last model's (whitening, bank, Whitening, whitened bank): made once, not per frame
+
+
+def whitened_statistics(
+    white: dict[str, Tensor], bank: dict[str, Tensor] | None
+) -> tuple[Whitening, dict[str, Tensor] | None]:
+    """The model's whitening (:class:`~yolo_fewshot.nn.whitening.Whitening`) and its hubness ``bank`` whitened
+    (:func:`~yolo_fewshot.nn.hubness.whiten_bank`), cached for the last model's statistics (the same dict objects)
+    so that a video's frames do not whiten 1 024 bank objects each."""
+    if _WHITENED and _WHITENED[0][0] is white and _WHITENED[0][1] is bank:
+        return _WHITENED[0][2], _WHITENED[0][3]
+    wt = Whitening(white)
+    wb = whiten_bank(bank, wt) if bank else None
+    _WHITENED[:] = [(white, bank, wt, wb)]
+    return wt, wb
 
 
 def centernet(device: torch.device | str = "cpu"):
@@ -531,7 +546,7 @@ class CropVerifier:
         each class's hubness offset (:attr:`hubness`, bank ``hub``); the trunk's descriptors compared whitened
         (:attr:`whiten`, ``white``)."""
         b = img.shape[0]
-        wt = Whitening(white) if self.whitened(white) else None
+        wt, white_hub = whitened_statistics(white, hub) if self.whitened(white) else (None, None)
         crops, masks = self.crops(img, idx, cbox.to(img.dtype), self.crop_size(wt is not None))
         n_crops = 16 * max(1, self.chunk)
         parts = [trunk(crops[i : i + n_crops]) for i in range(0, len(crops), n_crops)]
@@ -546,8 +561,8 @@ class CropVerifier:
             cos = self.similarity(feats, masks, protos, b, idx, wt)
         wh = float((0.5 if self.top1 else 0.0) if self.hubness is None else self.hubness)
         if wh > 0 and hub and n > 1:
-            sim = bank_similarity(hub, protos, layouts if with_layouts else None, w if with_layouts else 0.0,
-                                  self.n_levels(len(protos)), wt)  # fmt: skip
+            sim = bank_similarity(white_hub if wt is not None else hub, protos, layouts if with_layouts else None,
+                                  w if with_layouts else 0.0, self.n_levels(len(protos)), wt)  # fmt: skip
             off = hubness_offset(sim, self.hubness_k, wh).to(cos)  # [B|1, N]
             cos = cos - (off[idx] if len(off) > 1 else off[0].expand(len(idx), -1))
         wc = self.coco_share
