@@ -101,22 +101,31 @@ def test_the_coco_centre_travels_with_a_pretrained_file_and_bad_metadata_is_one_
         load_pretrained(tmp_path / "d.safetensors")
 
 
-def test_head_objectness_applies_only_where_the_head_recognises_the_objects():
-    # two images, the same two CenterNet boxes; the head sees objects there in the first image only
+def test_head_objectness_applies_as_far_as_the_head_recognises_the_objects():
+    # three images, the same two CenterNet boxes; the head sees objects there in the first image, barely in the
+    # second, not at all in the third
     v = CropVerifier(proposals="head+centernet", head_objectness=1.0, topk=1)
-    cn_boxes = torch.tensor([[[10.0, 10, 50, 50], [60, 60, 100, 100]]]).repeat(2, 1, 1)
-    cn_obj = torch.tensor([[0.6, 0.3], [0.6, 0.3]])
+    cn_boxes = torch.tensor([[[10.0, 10, 50, 50], [60, 60, 100, 100]]]).repeat(3, 1, 1)
+    cn_obj = torch.tensor([[0.6, 0.3]]).repeat(3, 1)
     v.centernet_boxes = lambda img: (cn_boxes, cn_obj)  # the candidates CenterNet would give, without running it
-    y = torch.zeros(2, 5, 2)
+    y = torch.zeros(3, 5, 2)
     y[:, :4] = torch.tensor([[30.0, 80], [30, 80], [40, 40], [40, 40]])  # head anchors on the two boxes (xywh)
     y[:, 4] = 0.5
-    seen = torch.tensor([[0.8, 0.4], [0.02, 0.01]])  # the head's objectness there
+    seen = torch.tensor([[0.8, 0.4], [0.02, 0.01], [0.0, 0.0]])  # the head's objectness there
     obj = torch.logit(seen)[:, None]
-    *_, cobj = v.candidates(torch.zeros(2, 3, 128, 128), y, obj)
-    got = cobj[-4:].view(2, 2)  # CenterNet's candidates come after the head's
+    *_, cobj = v.candidates(torch.zeros(3, 3, 128, 128), y, obj)
+    got = cobj[-6:].view(3, 2)  # CenterNet's candidates come after the head's
+    n_head = len(cobj) - 6
+    agree = (seen * cn_obj).sum(1) / cn_obj.sum(1)
+    assert agree[0] >= v.head_trust > agree[1] > 0
     torch.testing.assert_close(got[0], cn_obj[0] * seen[0])  # trusted: both networks must see an object
-    torch.testing.assert_close(got[1], cn_obj[1])  # the head sees nothing here: COCO's objectness alone
+    trust = agree[1] / v.head_trust  # a little agreement: the head's objectness, to a small power
+    torch.testing.assert_close(got[1], cn_obj[1] * seen[1] ** trust)
+    assert (got[1] < cn_obj[1]).all() and (got[1] > cn_obj[1] * seen[1]).all()
+    torch.testing.assert_close(got[2], cn_obj[2])  # the head sees nothing here: COCO's objectness alone
     everywhere = CropVerifier(proposals="head+centernet", head_objectness=1.0, topk=1, head_trust=0.0)
     everywhere.centernet_boxes = v.centernet_boxes
-    *_, cobj = everywhere.candidates(torch.zeros(2, 3, 128, 128), y, obj)
-    torch.testing.assert_close(cobj[-4:].view(2, 2), cn_obj * seen)
+    *_, cobj = everywhere.candidates(torch.zeros(3, 3, 128, 128), y, obj)
+    # the full power in every image: where the head sees nothing, CenterNet's boxes are no candidates at all
+    assert len(cobj) == n_head + 4
+    torch.testing.assert_close(cobj[-4:].view(2, 2), (cn_obj * seen)[:2])
