@@ -241,7 +241,7 @@ class CropVerifier:
             the zebra's whole box has objectness 0.58, the bird that a head box finds sits in a 0.46 box.
         head_objectness: With CenterNet's candidates, multiply each one's objectness by the head's own objectness where
             it is (:func:`head_objectness_at`: its best anchor with IoU >= 0.5) to this power: a box counts as an object
-            only where both networks see one, in the images where the head recognises the objects
+            only where both networks see one, as far as the head recognises the image's objects
             (:attr:`head_trust`). None (default): 1 for category search (``top1=False``), 0 (off) for instance search.
             For scenes like the ones the head was trained on: the head learned that the training scenes' unlabelled
             objects are background, COCO's objectness did not, so on the benchmark category search (``top1=False``, K=5,
@@ -521,7 +521,7 @@ class CropVerifier:
             seen = head_objectness_at(cn_box, boxes, obj)
             agree = (seen * cn_obj).sum(1) / cn_obj.sum(1).clamp_min(1e-6)  # [B]
             # trust grows with the agreement instead of switching on at head_trust: a hard switch left the head's
-            # objectness out of half of a fold's scenes (agreement 0.04-0.1), where it was what ranked base classes
+            # objectness out of half of fold 2's scenes (agreement under 0.1), where it was what ranked base classes
             trust = (agree / self.head_trust).clamp(max=1) if self.head_trust > 0 else torch.ones_like(agree)
             factor = seen.pow(head_power * trust[:, None])  # 0 ** 0 = 1: where the head sees nothing, COCO's alone
             extra[0] = (cn_box, cn_obj * factor)
