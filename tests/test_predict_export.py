@@ -51,7 +51,8 @@ def test_predict_without_references_is_a_clear_error(scene):
 
 
 def test_cli_predict_with_refs_folder(scene, tmp_path, capsys):
-    common = [f"source={scene / 'scene.jpg'}", "imgsz=64", "conf=0.0", f"project={tmp_path}", "name=p", "save=True"]
+    # no save=: saved by default, as by Ultralytics' `yolo predict`
+    common = [f"source={scene / 'scene.jpg'}", "imgsz=64", "conf=0.0", f"project={tmp_path}", "name=p"]
     assert (
         entrypoint(
             ["predict", "model=yolov8n-psalm.yaml", "encoder=efficientnet-lite0", f"refs={scene / 'refs'}", *common]
@@ -60,6 +61,9 @@ def test_cli_predict_with_refs_folder(scene, tmp_path, capsys):
     )
     assert "references: 2 classes ['cat', 'cup']" in capsys.readouterr().out
     assert list((tmp_path / "p").glob("scene.*"))  # Ultralytics saved the annotated image
+    off = ["predict", "model=yolov8n-psalm.yaml", "encoder=efficientnet-lite0", f"refs={scene / 'refs'}", *common]
+    assert entrypoint([*off[:-1], "name=off", "save=False"]) == 0
+    assert not (tmp_path / "off").exists()
     assert entrypoint(["predict", "model=yolov8n-psalm.yaml", "encoder=efficientnet-lite0", *common]) == 2
     err = capsys.readouterr().err.strip()
     assert "no references to look for" in err and "\n" not in err
@@ -223,6 +227,8 @@ def test_url_source_without_network_is_one_line(model, scene, capsys):
     url = "http://127.0.0.1:9/scene.jpg"  # nothing listens there: the download fails at once, as offline
     with pytest.raises(ConnectionError, match=r"^cannot fetch source http://127\.0\.0\.1:9/scene\.jpg \(no network"):
         model.predict(url, refs={"cat": [data.chelsea()]}, imgsz=64, verbose=False)
+    with pytest.raises(ConnectionError, match=r"^cannot fetch source http://127\.0\.0\.1:9/scene\.jpg \(no network"):
+        next(model.predict(url, stream=True, imgsz=64, verbose=False))  # a generator fails when iterated, same line
     argv = [
         "predict",
         "model=yolov8n-psalm.yaml",

@@ -164,6 +164,14 @@ def run(mode: str, overrides: dict[str, Any]) -> Any:
         path = model.export(dynamic_refs=True, **overrides)
         print(f"exported {path} and {Path(path).with_name('encoder.onnx')} (references as an input)")
         return path
+    if mode in ("predict", "track"):
+        # as Ultralytics' own `yolo` command does (Model.predict's is_cli, which looks for a program named `yolo`):
+        # the annotated results are saved unless save=False, and the frames stream through (the results of a long
+        # video are not all kept in memory)
+        overrides.setdefault("save", True)
+        for _ in getattr(model, mode)(stream=True, **overrides):
+            pass
+        return None
     return getattr(model, mode)(**overrides)
 
 

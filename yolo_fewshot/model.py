@@ -145,7 +145,8 @@ class FewShotYOLO(Model):
         themselves; 0: off, e.g. where lighting changes colours)."""
         self._use_refs(refs, verify, proposals, top1, hubness, colour)
         with _fetch_errors(source):
-            return super().predict(source, stream, predictor, **self._nms_defaults(kwargs))
+            out = super().predict(source, stream, predictor, **self._nms_defaults(kwargs))
+        return _fetched(out, source) if stream else out
 
     def track(
         self, source=None, stream: bool = False, persist: bool = False, refs: Any = None, verify: bool | None = None,
@@ -155,7 +156,8 @@ class FewShotYOLO(Model):
         """Ultralytics' track (its trackers give temporal consistency); references are encoded once, not per frame."""
         self._use_refs(refs, verify, proposals, top1, hubness, colour)
         with _fetch_errors(source):
-            return super().track(source, stream, persist, **self._nms_defaults(kwargs))
+            out = super().track(source, stream, persist, **self._nms_defaults(kwargs))
+        return _fetched(out, source) if stream else out
 
     def val(self, validator=None, **kwargs: Any):
         """Ultralytics' val (the few-shot validator: K-shot reference draws, pycocotools), verified boxes merged at
@@ -358,3 +360,10 @@ def _fetch_errors(source: Any) -> Iterator[None]:
             f"cannot fetch source {source} (no network, or the address is wrong); download it and pass the local "
             "file, or check the connection"
         ) from None
+
+
+def _fetched(results: Iterator[Any], source: Any) -> Iterator[Any]:
+    """``stream=True``'s generator, its source opened (and any download failing) on the first ``next``: under
+    :func:`_fetch_errors` there too, not only while the generator is made."""
+    with _fetch_errors(source):
+        yield from results
