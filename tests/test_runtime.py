@@ -128,14 +128,16 @@ def test_cli_predict_with_dynamic_detector(exported, tmp_path, capsys):
         f"refs={tmp_path / 'refs'}",
         f"source={scene}",
         "conf=0.0",
-        "save=True",
         f"project={tmp_path}",
         "name=out",
     ]
-    assert entrypoint(argv) == 0
+    assert entrypoint(argv) == 0  # annotated copies saved by default, as on the torch path
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["image"] == str(scene) and {d["name"] for d in line["detections"]} <= {"cat", "cup"}
     assert (tmp_path / "out" / "scene.jpg").is_file()
+    assert entrypoint(argv) == 0  # a second run: a folder of its own (Ultralytics' increment_path: out-2)
+    assert sorted(p.parent.name for p in tmp_path.glob("out*/scene.jpg")) == ["out", "out-2"]
+    assert entrypoint([*argv, "name=none", "save=False"]) == 0 and not (tmp_path / "none").exists()
     assert entrypoint(["predict", f"model={det}", f"source={scene}"]) == 2
     assert "no references to look for" in capsys.readouterr().err
     assert entrypoint(["predict", f"model={det}", f"refs={tmp_path / 'refs'}", f"source={tmp_path / 'nope.jpg'}"]) == 2

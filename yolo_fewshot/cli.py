@@ -102,16 +102,24 @@ def run_onnx(mode: str, overrides: dict[str, Any]) -> Any:
         raise UsageError(f"with detector.onnx, refs= must be a folder of <class>/ photos, got {refs}")
     items, _ = read_refs_folder(Path(str(refs)))
     rt.set_references(items)
-    save = Path(overrides.get("project") or "runs/fewshot") / str(overrides.get("name") or "predict")
+    save = None
+    if overrides.get("save", True):  # saved by default, as the torch path (and Ultralytics' `yolo`) does
+        from ultralytics.utils.files import increment_path
+
+        save = Path(overrides.get("project") or "runs/fewshot") / str(overrides.get("name") or "predict")
+        # a new folder per run (predict2, ...), as Ultralytics names them: an earlier run's copies are not overwritten
+        save = increment_path(save, exist_ok=bool(overrides.get("exist_ok", False)))
     results = predict_files(
         rt,
         overrides.get("source") or "",
         float(overrides.get("conf") or 0.25),
         float(overrides.get("iou") or 0.7),
-        save if overrides.get("save") else None,
+        save,
     )
     for f, dets in results:
         print(json.dumps({"image": f, "detections": dets}))
+    if save is not None:
+        print(f"annotated copies saved to {save}", file=sys.stderr)
     return results
 
 
