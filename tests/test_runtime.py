@@ -218,6 +218,7 @@ def test_saving_predictions_that_cannot_be_written_is_one_line(exported, tmp_pat
         "save=True",
         f"project={tmp_path}",
         "name=out",
+        "exist_ok=True",  # into the existing folder (else a run gets a new one, out-2)
     ]
     err = _one_line_error(capsys, argv)
     assert f"cannot write {tmp_path / 'out' / 'scene.jpg'}" in err and "disk full" in err

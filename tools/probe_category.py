@@ -19,7 +19,8 @@ classes, their clutter as background) and ranks in it.
 Measured (K=5, ``--clutter``; Lite0 P5 / centred / CenterNet c4 centred / learned metric P5 at 400 steps): fold 1
 (vehicles, military) 0.223 / 0.192 / 0.293 / 0.305; fold 0 0.349 / 0.385 / 0.313 / 0.351; fold 2 0.534 / 0.540 /
 0.161 / 0.550. Folds 0 / 1 / 2: trunk's last two stages fine-tuned (``--tune-steps 400``) 0.287 / 0.224 / 0.470;
-nearest of the K references (``--combine max``) 0.366 / 0.243 / 0.523 (README, "Why fold 1's categories stay low").
+nearest of the K references (``--combine max``) 0.366 / 0.243 / 0.523 (docs/benchmark.md, "Why fold 1's categories
+stay low").
 Lite0 P5 mixed with CenterNet's c4 cosine, a quarter of it (``--coco-share 0.25``, category search's default in the
 detector): 0.418 / 0.260 / 0.502.
 """

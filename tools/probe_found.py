@@ -30,8 +30,8 @@ the colour histograms' agreement (``CropVerifier.colour``, :mod:`yolo_fewshot.nn
 off.
 
 ``--ref-detail S [S ...]`` adds, beside each reference photo, a copy shrunk until the object's longer side is S px
-(the benchmark's references are ~210 px, its scene objects ~63 px): the probe behind the README's "views at scene
-detail" measurement.
+(the benchmark's references are ~210 px, its scene objects ~63 px): the probe behind docs/instance-search.md's
+"views at scene detail" measurement.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The candidates' crops are re-encoded from the original scene (make_crop, as references are), the instance protocol's
 references from its support split; each rule is scored with the benchmark's pycocotools code (soft top-1, margin
-0.02, cos^4 * obj^0.5). The measurements behind yolo_fewshot/nn/layout.py (README, "Layout descriptors"):
+0.02, cos^4 * obj^0.5). The measurements behind yolo_fewshot/nn/layout.py (docs/benchmark.md, "Layout descriptors"):
 
     python tools/probe_layout.py runs/probe/fold1-inst-lv.pt "{2: 10}"        # CenterNet's 10 boxes
     python tools/probe_layout.py runs/probe/fold1-inst-lv.pt "{0: 3, 2: 10}"  # the head's 3 + CenterNet's 10

@@ -252,7 +252,7 @@ NT = dict(src=(0,), top1=False)
 SOFT = dict(src=(0,), top1=False, margin=0.02)
 P345, P45 = {-3: 1.0, -2: 1.0, -1: 1.0}, {-2: 1.0, -1: 1.0}
 ROWS = [
-    # the README's tables (instance: soft top-1; category: top1=False); src 0 = head, 1 = head by objectness, 2 =
+    # docs/benchmark.md's tables (instance: soft top-1; category: top1=False); src 0 = head, 1 = head by objectness, 2 =
     # CenterNet; levels = the trunk levels compared (-1 = P5); topk per source
     ("soft, head, P5 (previous default)", {**SOFT, "levels": {-1: 1.0}}),
     ("soft, head, P3-P5", {**SOFT, "levels": P345}),

@@ -6,8 +6,8 @@ classes apart in photographs (fruit, vehicles, animals...), which is what catego
 features average away (another apple than the reference). The two disagree on which objects are alike, and their
 mean cosine ranks categories better than either where COCO knows the category (fruit, vegetables, vehicles) and a
 little worse than ImageNet's alone where it does not (flowers, plants), with perfect boxes
-(``tools/probe_category.py --coco-share``); in the detector, centred on reference photos, it helped every fold (README,
-"A second embedding for categories").
+(``tools/probe_category.py --coco-share``); in the detector, centred on reference photos, it helped every fold
+(docs/benchmark.md, "A second embedding for categories").
 
 Both sides are **centred** before the cosine: the network's features share a large common component (ReLU maps), so
 uncentred cosines of any two objects are high and bunched. The centre is the mean embedding of reference photos of the

@@ -9,7 +9,7 @@ does not depend on, and colour is much of that (a Granny Smith and a Fuji are bo
 sees little else. Colour is what tells one apple from its look-alikes. Coarse bins (8 hues x 3 saturations x 2
 values) because the scenes' lighting and the pasting's blur move colours between fine bins; measured on fold 0's
 instance scenes (``tools/probe_found.py``, found at <= 0.2 false positives per scene) coarser and finer ones did
-worse (README, "Colour").
+worse (docs/instance-search.md, "Colour").
 """
 
 from __future__ import annotations

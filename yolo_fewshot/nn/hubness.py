@@ -15,7 +15,7 @@ verification cuts candidates — stored with the model (``hubness_bank``, a stat
 ``coco_center``). With one reference the offset is 0 by construction.
 
 Measured (``tools/probe_found.py --fold F --model M`` against ``--csls 0``: instance search over a fold's 150
-scenes, found at ≤ 0.2 false positives per scene; README "Why instance search misses"): fold 0, the shipped model and
+scenes, found at ≤ 0.2 false positives per scene; docs/instance-search.md): fold 0, the shipped model and
 its bank of 1 024 training-scene objects, 65.9 → 73.1 %; fold 2, its own weights and bank, 43.7 → 46.8 %; validator
 instance 1-shot AP50 0.867 → 0.871 and 0.646 → 0.653. Offline on fold 0's record: a bank of reference photos instead of
 scene crops 64.1 % (a reference is framed unlike a candidate). The bank must not hold the objects searched for: fold 1

@@ -4,7 +4,7 @@ Lowe, "Distinctive Image Features from Scale-Invariant Keypoints", IJCV 2004 (SI
 "Random Sample Consensus", CACM 1981. Where the reference and the scene show the same instance — a poster, a packaged
 product, a building front, a calibration board — local features find it wherever it is, at any scale and in-plane
 rotation, and whatever COCO's classes are: the real-photo set's instance pairs that CenterNet's boxes miss are found
-this way (README, "Real-photo evaluation set"). The reference box projected through the homography is one candidate
+this way (docs/realphoto.md). The reference box projected through the homography is one candidate
 box per class; :class:`~yolo_fewshot.nn.verify.CropVerifier` scores it like every other candidate (the crop cosine
 decides).
 

