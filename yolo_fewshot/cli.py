@@ -23,7 +23,7 @@ USAGE = """\
 usage: yolo-fewshot MODE [key=value ...]
 
 modes:
-  demo       the whole path on real photos, ~10 min on 2 CPU cores -> runs/demo/   yolo-fewshot demo
+  demo       the whole path on real photos, ~2 min on 2 CPU cores -> runs/demo/    yolo-fewshot demo
   info       print the model summary            yolo-fewshot info model=yolov8n-psalm-p2.yaml
              (any mode: encoder=efficientnet-lite0 picks the support encoder, refs=dir/ or refs=bank.safetensors
               sets the reference classes: dir/<class name>/*.jpg, optional dir/refs.yaml for boxes and negatives)
