@@ -140,175 +140,92 @@ def check_proposals(value: str) -> str:
 class CropVerifier:
     """Settings and the re-scoring step of crop verification.
 
+    What each default was measured against, and the values tried: docs/verifier.md. "Instance search" is ``top1=True``
+    (the default), "category search" ``top1=False``; None means the default of the search.
+
     Attributes:
-        topk: Head candidates per image (after a class-agnostic NMS on the head's best class score). None
-            (default): 10 when the head is the only source, 3 beside CenterNet's boxes (``proposals=both``): its few
-            best boxes add the objects COCO's objectness misses without flooding the candidates (instance 1-shot AP50,
-            probe, folds 0 / 1 / 2: the head's 10 + CenterNet's 10 0.779 / 0.437 / 0.497, its 3 + 10 0.782 / 0.455 /
-            0.509).
-        size: Crop side fed to the trunk (pixels). None (default): :data:`WHITENED_SIZE` (224, the side the
-            references are encoded at) when the descriptors are compared in the model's whitening (:attr:`whiten`,
-            which is fitted on crops of that side), else :data:`CATEGORY_SIZE` (128; category search, and a model
-            without whitening). Instance search, found at <= 0.2 false positives per scene
-            (``tools/probe_found.py``, the shipped model with its whitening): the demo's scenes 74.8 / 77.2 / 75.6 /
-            78.7 % at 128 / 160 / 192 / 224 px, fold 0 77.5 -> 78.8 % at 128 -> 224 (96 px: 69.3 % on the demo);
-            without the whitening 224 px is worse (the demo 72.4 -> 70.9 %, fold 0 before colour 65.9 -> 64.3 %).
-            Costs a trunk pass over 3x the pixels per candidate.
+        topk: Head candidates per image (after a class-agnostic NMS on the head's best class score). None: 10 when the
+            head is the only source, 3 beside CenterNet's boxes — its few best add what COCO's objectness misses
+            without flooding the candidates.
+        size: Crop side fed to the trunk (pixels). None: :data:`WHITENED_SIZE` (224, the references' side) when the
+            descriptors are compared in the model's whitening (fitted on crops of that side), else
+            :data:`CATEGORY_SIZE` (128).
         context: Context around each box, as a fraction of its longer side on each side (references use 0.1).
         iou: IoU of the candidate NMS (head candidates; CenterNet candidates among themselves).
-        obj_power: Exponent of the objectness (the head's, or CenterNet's for its boxes) in the verified score. None
-            (default): 0.5 for instance search (:attr:`top1`), 1 for category search, where a broad class's cosine
-            says less and whether a box is an object says more (validator, category K=5, folds 0 / 1 / 2, novel
-            AP50 at 0.5 -> 1: 0.250 -> 0.274, 0.113 -> 0.120, 0.303 -> 0.319, base AP50 up on every fold; at 2 on
-            fold 2: 0.314).
+        obj_power: Exponent of the objectness (the head's, or CenterNet's for its boxes) in the verified score. None:
+            0.5 for instance search, 1 for category search, where a broad class's cosine says less and whether a box
+            is an object says more.
         sim_power: Exponent of the crop cosine (clamped at 0) in the verified score.
         top1: Classes compete for a candidate (an object is one thing): each class's score is multiplied by
-            ``sigmoid((cos_c - best other cos) / margin)``, so a candidate goes mostly to the class it matches best.
-            Right when the references are instances (and their look-alikes are references too); off for category
-            search, where a broad class's averaged prototype is often nearer a new member than its own class's
-            (measured: ``tools/probe_verify.py``, docs/benchmark.md, "Which verification rule").
+            ``sigmoid((cos_c - best other cos) / margin)``. Right when the references are instances (their look-alikes
+            are references too); off for category search, where a broad class's averaged prototype is often nearer a
+            new member than its own class's.
         margin: Softness of that competition (cosine units); 0 keeps only the best class (a hard top-1).
         gamma: Calibration: the verified score ``cos^sim_power * obj^obj_power * competition`` is raised to this power
-            (monotone: rankings do not change) so that Ultralytics' default ``conf=0.25`` is a working point. None
-            (default): :data:`WHITENED_GAMMA` (0.47) when the descriptors are compared whitened (instance search
-            with a model that has a whitening), else 0.5. 0.47 fitted (2026-12-06) for instance search's 224-px
-            crops, whitening and keypoint candidates: fold 0's instance
-            scenes (``tools/probe_found.py``) find 78.8 % at <= 0.2 false positives per scene above a score of 0.2307
-            at 0.5, which 0.47 maps to 0.25 (``0.5 * ln 0.25 / ln 0.2307``). Before, 0.5 on
-            fold 0's instance protocol with the defaults (the head's and CenterNet's candidates, P3-P5, layouts,
-            votes, once per scene; read from the validator's predictions), raw score 0.0625 (68 % of the objects
-            found, 0.19 false positives per scene) maps to 0.25 (with CenterNet's candidates alone: 0.48, raw 0.056,
-            63 % and 0.19; before votes and once per scene: 0.55, raw 0.082, 0.15 false positives); with ``gamma=1``
-            good matches scored ~0.02-0.08, ``conf=0.25`` showed nothing, and weak true matches fell under
-            validation's ``conf=0.001``.
-        levels: How many of the prototypes' levels (the last ones: P5, then P4, P3) the crop is compared on; the
-            cosine is the mean of the levels' cosines. None (default): 3 with :attr:`top1` (instance search), 1
-            without (category search). Lower levels keep colour and texture, which tell an instance from its
-            look-alikes (instance 1-shot AP50, ``tools/probe_verify.py``, head candidates: fold 1 P5 0.27 -> P3-P5
-            0.41, fold 0 0.70 -> 0.75, fold 2 0.47 -> 0.51); a category's members differ in exactly those, and P5
-            alone is better for them on average (K=5 AP50 with CenterNet candidates, folds 0 / 2: P5 0.261 / 0.279,
-            P3-P5 0.303 / 0.191).
+            (monotone: rankings do not change) so that Ultralytics' default ``conf=0.25`` is a working point. None:
+            :data:`WHITENED_GAMMA` (0.47) when the descriptors are compared whitened, else 0.5 (fitted so that the
+            best threshold at <= 0.2 false positives per scene on fold 0's instance scenes maps to 0.25).
+        levels: How many of the prototypes' levels (the last ones: P5, then P4, P3) the crop is compared on (the mean
+            of their cosines). None: 3 for instance search (lower levels keep the colour and texture that tell an
+            instance from its look-alikes), 1 for category search (a category's members differ in exactly those).
         layout: The share of layout in the similarity (0-1): the crop's 2x2 grid of masked means
-            (:mod:`~yolo_fewshot.nn.layout`) compared with the references' and their mirror images', mixed with the
-            masked-mean cosine, when the references have layouts. None (default): 0.5 for instance search
-            (:attr:`top1`), 0 for category search (a category's members differ in layout). Instance 1-shot AP50 with
-            CenterNet candidates, folds 0 / 1 / 2 (validator): share 0 -> 0.764 / 0.447 / 0.400, 0.5 -> 0.812 /
-            0.504 / 0.451, 1 -> 0.829 / 0.539 / 0.481; but layout alone loses two real photographs (24 -> 22 of 33:
-            the same object from another viewpoint), the even mix keeps all 24 (docs/benchmark.md, "Layout
-            descriptors").
+            (:mod:`~yolo_fewshot.nn.layout`) against the references' and their mirror images', mixed with the
+            masked-mean cosine, when the references have layouts. None: 0.5 for instance search (layout alone loses
+            photographs seen from another viewpoint), 0 for category search.
         votes: Weight of the candidate's keypoint votes for a class in its similarity: ``+ votes * log(1 + n)`` for
             ``n`` of the crop's SIFT keypoints whose nearest reference keypoint is that class's and clearly nearer
-            than any other class's (:mod:`~yolo_fewshot.nn.keypoint_votes`), when the references have descriptors
-            and there are two classes or more (with one, nothing to be nearer than: no votes).
-            None (default): 0.1 for instance search (:attr:`top1`), 0 for category search (another member of a
-            class shares no keypoints with the references). Local features see what pooled trunk features cannot
-            (markings, badges, petals' veins): with ground-truth boxes the target's own reference is the most
-            similar class 86.9 / 71.3 / 69.0 % of the time (folds 0 / 1 / 2, layouts alone) and 89.7 / 81.7 /
-            79.0 % with votes. Costs one SIFT pass over the crops (~35 ms for 13 crops of 128 px).
+            than any other class's (:mod:`~yolo_fewshot.nn.keypoint_votes`), with two classes or more. None: 0.1 for
+            instance search (local features see markings pooled features cannot), 0 for category search (another
+            member of a class shares no keypoints with the references).
         once: An instance is in a scene once: in each image, every candidate of a class but its best-scoring one has
-            its (calibrated) score multiplied by this. None (default): 0.2 for instance search (:attr:`top1`), 1 (off)
-            for category search, where a scene may hold several members of a class. The candidates that outscored
-            true matches were mostly a second box on the same object (a part, or the object with its neighbour:
-            IoU 0.1-0.5 with it; 23 of 37 false positives above 0.2 on fold 1): instance 1-shot AP50 with CenterNet
-            candidates and votes, folds 0 / 1 / 2, 0.828 / 0.550 / 0.523 -> 0.843 / 0.592 / 0.536 (validator; factor
-            0.5 / 0.2 / 0 applied to the earlier predictions: fold 1 0.584 / 0.592 / 0.589).
-        proposals: Candidate sources: ``head``, ``centernet``, ``keypoints``, joined by ``+`` (module doc). None
-            (default): :data:`INSTANCE_PROPOSALS` (``head+centernet+keypoints``) for instance search, where a
-            reference's SIFT match proposes the instance wherever neither network does (the demo's scenes, 224-px crops
-            and whitening: objects without a candidate 11 -> 8, found at <= 0.2 false positives per scene 78.7 ->
-            81.9 %; fold 0 78.8 % either way; references without keypoints, e.g. a bank saved without them, propose
-            none), and ``both`` for category search (another member of a class shares no keypoints with the references).
-            ``both``: CenterNet's boxes are the ones that work on real photographs (24/33 vs the head's 1/33) and the
-            tighter ones on the benchmark (instance AP50 fold 0 0.764 vs 0.753, fold 1 0.448 vs 0.410,
-            ``tools/probe_verify.py``); the head's few best boxes add the pasted objects COCO's objectness misses
-            (flowers, plants: instance AP50, validator, folds 0 / 1 / 2, ``centernet`` 0.843 / 0.592 / 0.536, ``both``
-            0.865 / 0.628 / 0.682), and with :attr:`part` they cost no photograph (24/33 either way; 25/33 since the
-            references keep their context ring, :func:`~yolo_fewshot.references.crops.crop_array`).
-            ``centernet+keypoints`` finds the same instance wherever COCO's objectness misses it (27/33;
-            docs/realphoto.md) for a SIFT pass over each scene.
+            its (calibrated) score multiplied by this. None: 0.2 for instance search (what outscored true matches was
+            mostly a second box on the same object), 1 (off) for category search (a scene may hold several members).
+        proposals: Candidate sources: ``head``, ``centernet``, ``keypoints``, joined by ``+`` (module doc). None:
+            :data:`INSTANCE_PROPOSALS` (``head+centernet+keypoints``) for instance search, ``both``
+            (``head+centernet``) for category search. CenterNet's boxes are the ones that work on photographs, the
+            head's few best add the pasted objects COCO's objectness misses, a reference's SIFT match proposes the
+            same instance wherever neither network does (references without keypoints propose none).
         centernet_topk: CenterNet candidates per image (after their NMS); also the number of extra output columns.
-            10: more candidates lower the benchmark's AP (fold 0: 0.764 / 0.756 / 0.750 at 10 / 20 / 30).
+            10: more lower the benchmark's AP.
         centernet_size: CenterNet input side (the model input is resized to it, aspect not kept, as it was trained).
         keypoint_inliers: Inliers at which a keypoint box's objectness is 0.5 (``n / (n + keypoint_inliers)``).
-        part: With head and CenterNet candidates, a head box that is a part of one of CenterNet's boxes with at
-            least this objectness (70 % of it inside a box at least twice its area, :func:`parts`) is no candidate:
+        part: With head and CenterNet candidates, a head box that is a part of one of CenterNet's boxes with at least
+            this objectness (70 % of it inside a box at least twice its area, :func:`parts`) is no candidate:
             CenterNet's box is that object, whole (above 1: keep every head box). The head, trained on pasted stamps,
-            proposes parts of real objects (a zebra's head), and a part can match the reference better than the whole
-            (stripes are all stripes). The threshold keeps the head boxes that add what CenterNet misses on the
-            benchmark, inside its unsure boxes around several stamps (those boxes' objectness: 90 % under 0.33).
-            Measured: ``proposals=both`` without it 23/33 photographs (a zebra's head and a squirrel's ear outscore
-            the animals), with every part dropped 24/33 but fold 2's instance AP50 0.685 -> 0.570, with this
-            threshold 24/33 and 0.682 (fold 0 / 1: 0.865 / 0.628 vs 0.868 / 0.634). Chosen on those 33 pairs:
-            the zebra's whole box has objectness 0.58, the bird that a head box finds sits in a 0.46 box.
-        head_objectness: With CenterNet's candidates, multiply each one's objectness by the head's own objectness where
-            it is (:func:`head_objectness_at`: its best anchor with IoU >= 0.5) to this power: a box counts as an object
-            only where both networks see one, as far as the head recognises the image's objects
-            (:attr:`head_trust`). None (default): 1 for category search (``top1=False``), 0 (off) for instance search.
-            For scenes like the ones the head was trained on: the head learned that the training scenes' unlabelled
-            objects are background, COCO's objectness did not, so on the benchmark category search (``top1=False``, K=5,
-            validator) gains: folds 0 / 1 / 2 novel AP50 0.250 / 0.115 / 0.301 -> 0.274 / 0.156 / 0.352 at 1 (0.271 /
-            0.150 on folds 0 / 1 at 0.5), above the head's candidates alone (0.252 / 0.123 / 0.329); but on photographs
-            the head, trained on pasted stamps, sees few objects: 25 of 33 real pairs -> 15 at 0.5, 10 at 1 (category
-            search's settings: 20 -> 8). Not measured: a head trained on the kind of scenes it will search (a fine-tune
-            on the user's own footage), where it may pay. :attr:`head_trust` keeps it off in the images where the head
-            sees no objects, which is what makes it category search's default.
+            proposes parts of real objects (a zebra's head), and a part can match the reference better than the whole.
+        head_objectness: With CenterNet's candidates, multiply each one's objectness by the head's own objectness
+            where it is (:func:`head_objectness_at`) to this power, as far as the head recognises the image's objects
+            (:attr:`head_trust`): a box counts as an object where both networks see one. None: 1 for category search
+            (the head learned that the training scenes' unlabelled objects are background; COCO's objectness did not),
+            0 (off) for instance search (on photographs the head sees few objects).
         head_trust: :attr:`head_objectness` applies as far as the head recognises CenterNet's objects in the image:
             their agreement ``a`` (the head's objectness at CenterNet's boxes, averaged with CenterNet's objectness as
-            weights) makes the power ``head_objectness * min(1, a / head_trust)`` (0: the full power everywhere), so
-            an image where the head sees none of the objects (a = 0) keeps COCO's objectness alone. That average is
-            0-0.07 in 29 of the 33 real photographs and 0.1-0.6 in 47 of 60 benchmark scenes (fold 0, the shipped
-            model), but 0.04-0.1 in a quarter of fold 2's (its own weights). A hard switch at ``head_trust``
-            (before 2026-12-06) left those out; the ramp, fold 2 (K=5, novel / base AP50): 0.374 / 0.193 -> 0.389 /
-            0.210 (the head's candidates alone 0.370 / 0.201), fold 0 0.356 / 0.179 -> 0.352 / 0.179; the real-photo
-            set with category settings 20 -> 19 of 33 (a truck, agreement 0.066). Switched
-            at ``head_trust``, with the COCO embedding (:attr:`coco`), category K=5 novel AP50 folds 0 / 1 / 2 without
-            -> with the gated head objectness: 0.358 -> 0.356, 0.163 -> 0.167,
-            0.360 -> 0.369 (base 0.173 -> 0.179, 0.232 -> 0.241, 0.169 -> 0.186); real photographs searched with
-            category search's settings 21 -> 20 of 33 (a pedestrian in a video frame, where the head does see
-            people; ungated: 8 of 33). Instance search and its real-photo set (``top1=True``) do not use it.
+            weights) makes the power ``head_objectness * min(1, a / head_trust)`` (0: the full power everywhere), so an
+            image where the head sees none of the objects (a photograph) keeps COCO's objectness alone. A ramp, not a
+            switch: benchmark scenes and photographs overlap in agreement.
         coco: The share of the COCO embedding's cosine in the similarity (0-1): each crop's masked mean on the ported
-            COCO CenterNet's stride-16 map, centred on the model's ``coco_center``, against the mean of the class's
-            references' (:mod:`~yolo_fewshot.nn.coco_embedding`), mixed with the trunk's cosine, when the references
-            have COCO embeddings. None (default): 0.25 for category search (``top1=False``), 0 for instance search.
-            ImageNet's P5 tells an apple from a pear by what ImageNet needed; COCO's detector was trained on the
-            categories people search for, and the two views together rank categories better than either (category K=5,
-            validator, novel AP50 folds 0 / 1 / 2: 0.281 / 0.130 / 0.340 -> 0.358 / 0.163 / 0.360, base AP50 0.154 /
-            0.215 / 0.164 -> 0.173 / 0.232 / 0.169); uncentred, fold 0 gains less (0.330), and centred on the training
-            scenes' pasted objects instead of reference photos fold 2 loses (0.299). Costs one CenterNet trunk pass over
-            the crops (at 128 px), in category search only. Instance search keeps its own cosine, which tells an
-            instance from its look-alikes by colour and texture (P3-P5, layouts, keypoints): with the mix at 0.25, fold
-            0's instance 1-shot AP50 0.867 -> 0.858 and the real-photo set 25 -> 24 of 33.
+            CenterNet's stride-16 map, centred on the model's ``coco_center``, against the mean of the class's
+            references' (:mod:`~yolo_fewshot.nn.coco_embedding`). None: 0.25 for category search (COCO's detector was
+            trained on the categories people search for; the two views rank categories better than either), 0 for
+            instance search (which tells an instance from its look-alikes by colour and texture). Costs one CenterNet
+            trunk pass over the crops (128 px).
         hubness: Weight of the hubness correction (:mod:`~yolo_fewshot.nn.hubness`, CSLS): each class's similarity
             lowered by this times how far its mean similarity to its :attr:`hubness_k` nearest objects of the model's
-            ``hubness_bank`` (crops of its training scenes' labelled objects) lies above the classes' average, so a
-            reference near everything stops taking other objects' candidates. None (default): 0.5 for instance search
-            (:attr:`top1`), 0 for category search (not measured there). Needs two classes or more and a model with a
-            bank (released or trained since 2026-12-05). Instance search, found at <= 0.2 false positives per scene
-            (``tools/probe_found.py``, against ``--csls 0``): fold 0 65.9 -> 73.1 % (the shipped model, 1 024 of its
-            training scenes' objects), fold 2 43.7 -> 46.8 % (its own weights and bank); the demo 59 -> 63 % found
-            at ``conf=0.25``, false positives 0.15 -> 0.07 per scene; instance 1-shot AP50 0.867 -> 0.871 and 0.646
-            -> 0.653. Offline on fold 0's record: all 1 582 objects 73.1 %, 384-1 024 drawn at random 70.5-73.1 %
-            (3 draws each), ``lam`` 0.75 with ``k`` 50 69.4-70.7 %.
+            ``hubness_bank`` lies above the classes' average, so a reference near everything stops taking other
+            objects' candidates. None: 0.5 for instance search, 0 for category search (not measured there). Needs two
+            classes or more and a model with a bank.
         hubness_k: Nearest bank objects whose mean similarity is a class's hubness.
         colour: Weight of the colour histograms' agreement (:mod:`~yolo_fewshot.nn.colour`): each candidate's
             similarity to a class gains this times (its box's Bhattacharyya coefficient with the class's references'
-            mean histogram - :data:`COLOUR_UNRELATED`), so a candidate of the references' colours rises and one of
-            other colours falls. None (default): 0.15 for instance search (:attr:`top1`), 0 for category search
-            (another member of a class may be another colour). The frozen ImageNet trunk pools away much of what
-            tells one apple from its look-alikes, colour; instance search, found at <= 0.2 false positives per scene
-            (``tools/probe_found.py``; docs/instance-search.md, "Colour"). Costs a histogram of each crop (no
-            network). Off by itself in grey frames (channels within :data:`GREY_TOLERANCE` on average: infrared or
-            monochrome footage).
+            mean histogram - :data:`COLOUR_UNRELATED`). None: 0.15 for instance search (the frozen ImageNet trunk pools
+            colour away), 0 for category search (another member may be another colour). Off by itself in grey frames
+            (channels within :data:`GREY_TOLERANCE` on average: infrared or monochrome footage).
         whiten: Compare the trunk's descriptors (candidates', references', their layouts' cells and the hubness
             bank's) in the model's learned whitening (:mod:`~yolo_fewshot.nn.whitening`: the photo-to-scene nuisance
-            divided out), when the model has one (fitted where its training data says which object each box is).
-            None (default): on for instance search (:attr:`top1`), off for category search (fitted on pairs of one
-            object, it is no category metric). Instance search, found at <= 0.2 false positives per scene
-            (``tools/probe_found.py``, 128-px crops): fold 0 75.3 -> 77.5 %, the demo's scenes 72.4 -> 74.8 %.
-        chunk: Images per CenterNet pass and ``16 * chunk`` crops per trunk pass. Ultralytics hands ``predict`` a list
-            of image paths as one batch (150 benchmark scenes took 15-19 GB in one pass); in chunks the memory stays
-            bounded and the results are the same (60 scenes as one list: peak RSS 7.8 -> 3.0 GB, the same 123
-            detections).
+            divided out), when the model has one. None: on for instance search, off for category search (fitted on
+            pairs of one object, it is no category metric).
+        chunk: Images per CenterNet pass and ``16 * chunk`` crops per trunk pass: Ultralytics hands ``predict`` a list
+            of image paths as one batch; in chunks the memory stays bounded and the results are the same.
     """
 
     topk: int | None = None
