@@ -107,7 +107,7 @@ def run_onnx(mode: str, overrides: dict[str, Any]) -> Any:
         from ultralytics.utils.files import increment_path
 
         save = Path(overrides.get("project") or "runs/fewshot") / str(overrides.get("name") or "predict")
-        # a new folder per run (predict2, ...), as Ultralytics names them: an earlier run's copies are not overwritten
+        # a new folder per run (predict-2, ...), as Ultralytics names them: an earlier run's copies are not overwritten
         save = increment_path(save, exist_ok=bool(overrides.get("exist_ok", False)))
     results = predict_files(
         rt,
