@@ -134,6 +134,7 @@ def test_cli_predict_with_dynamic_detector(exported, tmp_path, capsys):
     assert entrypoint(argv) == 0  # annotated copies saved by default, as on the torch path
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["image"] == str(scene) and {d["name"] for d in line["detections"]} <= {"cat", "cup"}
+    assert min(d["score"] for d in line["detections"]) < 0.25  # conf=0.0 is taken as 0, not as the default 0.25
     assert (tmp_path / "out" / "scene.jpg").is_file()
     assert entrypoint(argv) == 0  # a second run: a folder of its own (Ultralytics' increment_path: out-2)
     assert sorted(p.parent.name for p in tmp_path.glob("out*/scene.jpg")) == ["out", "out-2"]

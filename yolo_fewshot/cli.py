@@ -112,8 +112,8 @@ def run_onnx(mode: str, overrides: dict[str, Any]) -> Any:
     results = predict_files(
         rt,
         overrides.get("source") or "",
-        float(overrides.get("conf") or 0.25),
-        float(overrides.get("iou") or 0.7),
+        float(0.25 if overrides.get("conf") is None else overrides["conf"]),  # conf=0 is 0, not the default
+        float(0.7 if overrides.get("iou") is None else overrides["iou"]),
         save,
     )
     for f, dets in results:
